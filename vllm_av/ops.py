@@ -1,0 +1,141 @@
+"""The AV blend as a registered torch custom op: ``torch.ops.vllm_av.blend_``.
+
+For token rows ``t`` and mix entries ``m`` (``av_index[t, m] = -1`` means unused)::
+
+    y[t, slice_k] += sum_m av_scale[t, m] * B[i, slice_k] @ (A[k, i] @ x[t]),   i = av_index[t, m]
+
+Tensor layout (shared by every implementation):
+
+* ``y``         ``[T, sum(out_slices)]``, updated in place (row stride may exceed the width)
+* ``x``         ``[T, in]``
+* ``lora_a``    ``[S, N, R, in]``  -- one A per slice ``k`` and library entry ``i``
+* ``lora_b``    ``[N, sum(out_slices), R]`` -- the slices' B stacked along the output dim
+* ``av_index``  ``int32 [T, M]``
+* ``av_scale``  ``float32 [T, M]``
+* ``out_slices`` the output width of each of the ``S`` slices
+
+AVs of a smaller rank are zero-padded to ``R``. Accumulation is in float32.
+
+Implementations: :func:`blend_reference` (pure torch, dense, no data-dependent shapes; used on
+CPU and as the oracle) and the fused Triton kernel in :mod:`vllm_av.kernels` on CUDA. Which one
+runs on CUDA is chosen once by :func:`cuda_impl_name` and logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger("vllm_av")
+
+IMPL_ENV = "VLLM_AV_BLEND_IMPL"  # auto | triton | reference
+
+
+def blend_reference(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    av_index: torch.Tensor,
+    av_scale: torch.Tensor,
+    out_slices: list[int],
+) -> None:
+    """Dense torch implementation: all adapters for all rows, weighted by a per-row coefficient.
+
+    Never indexes with -1: unused entries get coefficient 0 through a mask.
+    """
+    num_slices, num_avs, rank, _ = lora_a.shape
+    if y.shape[0] == 0:
+        return
+    valid = av_index >= 0
+    # coef[t, n] = sum of the scales row t gives library entry n
+    one_hot = torch.nn.functional.one_hot(
+        torch.where(valid, av_index, 0).long(), num_avs
+    ).to(torch.float32)
+    coef = (one_hot * torch.where(valid, av_scale, 0.0).unsqueeze(-1)).sum(dim=1)  # [T, N]
+    coef_r = coef.repeat_interleave(rank, dim=1)  # [T, N*R]
+    xf = x.to(torch.float32)
+    offset = 0
+    for k, width in enumerate(out_slices):
+        a_k = lora_a[k].reshape(num_avs * rank, -1).to(torch.float32)  # [N*R, in]
+        b_k = lora_b[:, offset : offset + width, :].to(torch.float32)  # [N, width, R]
+        b_k = b_k.permute(1, 0, 2).reshape(width, num_avs * rank)  # [width, N*R]
+        h = (xf @ a_k.t()) * coef_r
+        delta = h @ b_k.t()
+        y_k = y[:, offset : offset + width]
+        y_k.copy_((y_k.to(torch.float32) + delta).to(y.dtype))
+        offset += width
+
+
+def _check_shapes(y, x, lora_a, lora_b, av_index, av_scale, out_slices) -> None:
+    num_slices, num_avs, rank, d_in = lora_a.shape
+    if len(out_slices) != num_slices:
+        raise ValueError(f"out_slices has {len(out_slices)} entries, lora_a has {num_slices} slices")
+    if tuple(lora_b.shape) != (num_avs, sum(out_slices), rank):
+        raise ValueError(f"lora_b shape {tuple(lora_b.shape)} != {(num_avs, sum(out_slices), rank)}")
+    if x.shape[-1] != d_in or y.shape[-1] != sum(out_slices) or x.shape[0] != y.shape[0]:
+        raise ValueError(f"x {tuple(x.shape)} / y {tuple(y.shape)} do not fit lora_a/lora_b")
+    if av_index.shape != av_scale.shape or av_index.shape[0] != y.shape[0]:
+        raise ValueError(f"av_index {tuple(av_index.shape)} / av_scale {tuple(av_scale.shape)} do not fit T={y.shape[0]}")
+
+
+@torch.library.custom_op("vllm_av::blend_", mutates_args=("y",))
+def blend_(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    av_index: torch.Tensor,
+    av_scale: torch.Tensor,
+    out_slices: list[int],
+) -> None:
+    """``y += blend(x)`` in place; see the module docstring for the layout."""
+    _check_shapes(y, x, lora_a, lora_b, av_index, av_scale, out_slices)
+    blend_reference(y, x, lora_a, lora_b, av_index, av_scale, out_slices)
+
+
+@blend_.register_fake
+def _(y, x, lora_a, lora_b, av_index, av_scale, out_slices) -> None:
+    return None
+
+
+_cuda_impl: str | None = None
+
+
+def cuda_impl_name() -> str:
+    """The implementation used on CUDA: ``triton`` if it imports, else ``reference``.
+
+    ``VLLM_AV_BLEND_IMPL=reference|triton`` forces one. The choice is logged once.
+    """
+    global _cuda_impl
+    if _cuda_impl is None:
+        wanted = os.environ.get(IMPL_ENV, "auto").lower()
+        if wanted not in ("auto", "triton", "reference"):
+            raise ValueError(f"{IMPL_ENV}={wanted!r}: expected auto, triton or reference")
+        if wanted == "reference":
+            _cuda_impl = "reference"
+        else:
+            try:
+                from vllm_av.kernels import blend as _  # noqa: F401
+
+                _cuda_impl = "triton"
+            except ImportError as exc:
+                if wanted == "triton":
+                    raise
+                logger.warning("vllm-av: Triton blend kernel unavailable (%s); using the torch reference", exc)
+                _cuda_impl = "reference"
+        logger.info("vllm-av: blend implementation on CUDA: %s", _cuda_impl)
+    return _cuda_impl
+
+
+@blend_.register_kernel("cuda")
+def _(y, x, lora_a, lora_b, av_index, av_scale, out_slices) -> None:
+    _check_shapes(y, x, lora_a, lora_b, av_index, av_scale, out_slices)
+    if cuda_impl_name() == "triton":
+        from vllm_av.kernels.blend import blend_triton
+
+        blend_triton(y, x, lora_a, lora_b, av_index, av_scale, out_slices)
+    else:
+        blend_reference(y, x, lora_a, lora_b, av_index, av_scale, out_slices)
