@@ -28,7 +28,7 @@ import os
 
 import torch
 
-logger = logging.getLogger("vllm_av")
+logger = logging.getLogger("vllm.av")
 
 IMPL_ENV = "VLLM_AV_BLEND_IMPL"  # auto | triton | reference
 

@@ -1,0 +1,73 @@
+"""Server-side AV settings: parsed once from ``additional_config["av"]``; the one place limits live.
+
+Every process (API server, engine core, workers) sees the same ``additional_config``, and vLLM
+hashes it into its compile-cache key, so a cache built without AV is never reused with AV.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+CONFIG_KEY = "av"
+
+
+class AVConfigError(ValueError):
+    """A bad ``additional_config["av"]`` setting."""
+
+
+@dataclass(frozen=True)
+class AVConfig:
+    """AV serving settings.
+
+    path: the library directory (one sub-directory per AV).
+    max_per_request: most AVs one request may mix (M, the width of the per-token tables).
+    max_abs_scale: largest |scale| a request may give one AV.
+    max_rank: largest AV rank the library may hold.
+    max_name_length: longest AV name accepted (names are ``[A-Za-z0-9_.-]+``).
+    """
+
+    path: str
+    max_per_request: int = 8
+    max_abs_scale: float = 4.0
+    max_rank: int = 64
+    max_name_length: int = 64
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not self.path:
+            raise AVConfigError("av.path must name the AV library directory")
+        for name in ("max_per_request", "max_rank", "max_name_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise AVConfigError(f"av.{name} must be a positive integer, got {value!r}")
+        scale = self.max_abs_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise AVConfigError(f"av.max_abs_scale must be a positive finite number, got {scale!r}")
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "AVConfig":
+        """Build from the ``av`` dict of ``additional_config``; unknown keys are an error."""
+        if not isinstance(raw, dict):
+            raise AVConfigError(f"additional_config.av must be an object, got {type(raw).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise AVConfigError(f"unknown av setting(s) {unknown}; known: {sorted(known)}")
+        values = dict(raw)
+        if "path" in values and isinstance(values["path"], str):
+            values["path"] = os.path.abspath(os.path.expanduser(values["path"]))
+        if "max_abs_scale" in values and isinstance(values["max_abs_scale"], int):
+            values["max_abs_scale"] = float(values["max_abs_scale"])
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def av_config_from(additional_config: dict[str, Any] | None) -> AVConfig | None:
+    """The AV settings in a vLLM ``additional_config``, or None when AV is not enabled."""
+    if not additional_config or CONFIG_KEY not in additional_config:
+        return None
+    return AVConfig.from_dict(additional_config[CONFIG_KEY])

@@ -1,0 +1,126 @@
+"""Frontend side (API server / offline ``LLM`` process): admit requests' mixes, list the library.
+
+Every request passes ``InputProcessor.process_inputs`` before it reaches the engine, on the
+OpenAI server and offline alike. There the ``av`` entry of ``SamplingParams.extra_args``
+(from ``vllm_xargs`` or set directly) is validated -- a bad mix raises vLLM's validation
+error, which the server answers with HTTP 400 -- and replaced by its canonical form, and the
+request gets a prefix-cache salt per canonical mix so KV blocks computed under one mix are
+never reused under another.
+
+``GET /v1/av`` lists the served AVs, beside vLLM's ``GET /v1/models``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from vllm_av.config import AVConfig, av_config_from
+from vllm_av.mix import MixError, mix_to_str, parse_mix
+
+logger = logging.getLogger("vllm.av")
+
+MIX_KEY = "av"
+
+
+@dataclass
+class ServedLibrary:
+    config: AVConfig
+    entries: list
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(entry.name for entry in self.entries)
+
+    def listing(self) -> dict:
+        """The body of ``GET /v1/av``."""
+        return {
+            "object": "list",
+            "data": [entry.summary() for entry in self.entries],
+            "limits": {k: v for k, v in self.config.to_dict().items() if k != "path"},
+        }
+
+
+_served: ServedLibrary | None = None
+
+
+def admit(params, served: ServedLibrary | None) -> tuple:
+    """The canonical mix of ``params`` (empty for none); raise ``MixError`` for a bad one."""
+    extra = getattr(params, "extra_args", None)
+    if not extra or MIX_KEY not in extra:
+        return ()
+    if served is None:
+        raise MixError("this server does not serve AVs (start it with --enable-av --av-path DIR)")
+    return parse_mix(extra[MIX_KEY], served.names, served.config)
+
+
+def _install_input_processor() -> None:
+    from vllm.exceptions import VLLMValidationError
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    from vllm_av.plugin import library_for, local_model_dir
+
+    original_init = InputProcessor.__init__
+    original_process = InputProcessor.process_inputs
+
+    def __init__(self, vllm_config, *args, **kwargs):
+        global _served
+        original_init(self, vllm_config, *args, **kwargs)
+        config = av_config_from(vllm_config.additional_config)
+        self._vllm_av = None
+        if config is not None:
+            entries = library_for(config, local_model_dir(vllm_config.model_config.model))
+            self._vllm_av = _served = ServedLibrary(config, entries)
+
+    def process_inputs(self, request_id, prompt, params, *args, **kwargs):
+        try:
+            mix = admit(params, getattr(self, "_vllm_av", None))
+        except MixError as exc:
+            raise VLLMValidationError(str(exc), parameter="vllm_xargs.av") from None
+        request = original_process(self, request_id, prompt, params, *args, **kwargs)
+        sampling = request.sampling_params
+        if sampling is not None and sampling.extra_args and MIX_KEY in sampling.extra_args:
+            if mix:
+                sampling.extra_args[MIX_KEY] = [list(pair) for pair in mix]
+                salt = f"av:{mix_to_str(mix)}"
+                request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
+            else:
+                del sampling.extra_args[MIX_KEY]
+        return request
+
+    InputProcessor.__init__ = __init__
+    InputProcessor.process_inputs = process_inputs
+
+
+def _install_listing_route() -> None:
+    """Add ``GET /v1/av`` wherever vLLM attaches its ``/v1/models`` router."""
+    try:
+        from vllm.entrypoints.openai.models import api_router
+    except ImportError:
+        logger.warning("vllm-av: this vLLM has no models router to extend; GET /v1/av is unavailable")
+        return
+    from fastapi import APIRouter
+    from fastapi.responses import JSONResponse
+
+    router = APIRouter()
+
+    @router.get("/v1/av")
+    async def list_avs():
+        if _served is None:
+            return JSONResponse({"error": {"message": "AV serving is not enabled", "code": 404}}, status_code=404)
+        return JSONResponse(_served.listing())
+
+    original_attach = api_router.attach_router
+
+    def attach_router(app, *args, **kwargs):
+        result = original_attach(app, *args, **kwargs)
+        app.include_router(router)
+        return result
+
+    api_router.attach_router = attach_router
+
+
+def install() -> None:
+    """Install the request-admission hook and the listing route (idempotent via plugin.register)."""
+    _install_input_processor()
+    _install_listing_route()

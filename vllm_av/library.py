@@ -1,0 +1,189 @@
+"""Scan and validate an AV library directory (one PEFT LoRA adapter directory per AV).
+
+Runs in the API-server process before the engine starts, so a bad library fails fast with
+one line naming the file (and tensor); workers load the same validated entries with vLLM's
+own LoRA loader. Weights are read from safetensors only: pickle files are never opened.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vllm_av.config import AVConfig
+from vllm_av.mix import NAME_RE
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PICKLE_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+AV_JSON = "av.json"
+_KEY_RE = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
+
+
+class AVLibraryError(ValueError):
+    """The AV library (or one AV in it) cannot be served."""
+
+
+@dataclass(frozen=True)
+class AVEntry:
+    """One validated AV: its name, directory, rank, modules and metadata."""
+
+    name: str
+    path: str
+    rank: int
+    modules: tuple[str, ...]
+    description: str = ""
+    compatibility: str = "unknown"
+    metadata: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def summary(self) -> dict:
+        """What the listing endpoint shows for this AV."""
+        return {
+            "name": self.name,
+            "rank": self.rank,
+            "modules": len(self.modules),
+            "description": self.description,
+            "compatibility": self.compatibility,
+            "path": self.path,
+        }
+
+
+def _fail(path: Path, message: str) -> AVLibraryError:
+    return AVLibraryError(f"{path}: {message}")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _fail(path, f"unreadable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise _fail(path, "expected a JSON object")
+    return data
+
+
+def _check_tensors(weights: Path, config: AVConfig, model_shapes: dict[str, tuple[int, int]] | None) -> tuple[int, tuple[str, ...]]:
+    """Validate every tensor of ``weights``; return (max rank, module names)."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    shapes: dict[tuple[str, str], tuple[int, ...]] = {}
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            for key in f.keys():
+                match = _KEY_RE.fullmatch(key)
+                if not match:
+                    raise _fail(weights, f"tensor {key}: not a LoRA weight (base_model.model.<module>.lora_A/B.weight)")
+                tensor = f.get_tensor(key)
+                if tensor.ndim != 2 or not tensor.is_floating_point():
+                    raise _fail(weights, f"tensor {key}: expected a 2-D float tensor, got {tensor.dtype} {list(tensor.shape)}")
+                if not bool(torch.isfinite(tensor).all()):
+                    raise _fail(weights, f"tensor {key}: contains NaN or Inf")
+                shapes[(match["module"], match["ab"])] = tuple(tensor.shape)
+    except SafetensorError as exc:
+        raise _fail(weights, f"not a readable safetensors file ({exc})") from None
+    if not shapes:
+        raise _fail(weights, "holds no LoRA tensors")
+    modules = sorted({m for m, _ in shapes})
+    max_rank = 0
+    for module in modules:
+        key = f"base_model.model.{module}.lora_"
+        a, b = shapes.get((module, "A")), shapes.get((module, "B"))
+        if a is None or b is None:
+            raise _fail(weights, f"tensor {key}{'B' if a else 'A'}.weight is missing (lora_A and lora_B come in pairs)")
+        rank = a[0]
+        if b[1] != rank:
+            raise _fail(weights, f"tensor {key}B.weight has rank {b[1]} but lora_A has rank {rank}")
+        if rank > config.max_rank:
+            raise _fail(weights, f"tensor {key}A.weight has rank {rank} > the server's max AV rank {config.max_rank}")
+        if model_shapes is not None:
+            expected = model_shapes.get(module)
+            if expected is None:
+                raise _fail(weights, f"tensor {key}A.weight: the model has no linear weight {module}.weight")
+            if (b[0], a[1]) != expected:
+                raise _fail(
+                    weights,
+                    f"tensor {key}A.weight/B.weight: delta shape [{b[0]}, {a[1]}] != model weight {module}.weight {list(expected)}",
+                )
+        max_rank = max(max_rank, rank)
+    return max_rank, tuple(modules)
+
+
+def _load_entry(directory: Path, config: AVConfig, model_shapes, model_dir: str | None) -> AVEntry:
+    adapter_config = directory / ADAPTER_CONFIG
+    weights = directory / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        pickles = [p for p in PICKLE_WEIGHTS if (directory / p).exists()]
+        if pickles:
+            raise _fail(directory / pickles[0], "pickle weights are refused; convert the adapter to adapter_model.safetensors")
+        raise _fail(weights, "missing")
+    peft = _read_json(adapter_config)
+    if peft.get("peft_type", "LORA") != "LORA":
+        raise _fail(adapter_config, f"peft_type {peft.get('peft_type')!r} is not LORA")
+    if peft.get("use_dora"):
+        raise _fail(adapter_config, "DoRA adapters cannot be served as AVs")
+    if peft.get("bias", "none") != "none":
+        raise _fail(adapter_config, f"bias={peft.get('bias')!r} is not supported (must be 'none')")
+    meta = _read_json(directory / AV_JSON) if (directory / AV_JSON).is_file() else {}
+    name = meta.get("name") or directory.name
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or len(name) > config.max_name_length:
+        raise _fail(directory / (AV_JSON if meta else ""), f"AV name {name!r} must be 1-{config.max_name_length} characters of [A-Za-z0-9_.-]")
+    rank, modules = _check_tensors(weights, config, model_shapes)
+    compatibility = "unknown"
+    if meta and model_dir is not None:
+        from vllm_av.avfile import check_compatibility
+
+        compatibility, reason = check_compatibility(meta, model_dir)
+        if compatibility == "incompatible":
+            raise _fail(directory / AV_JSON, f"AV {name!r} is incompatible with the served model: {reason}")
+    return AVEntry(
+        name=name,
+        path=str(directory),
+        rank=rank,
+        modules=modules,
+        description=str(meta.get("description", "")),
+        compatibility=compatibility,
+        metadata=meta,
+    )
+
+
+def _model_weight_shapes(model_dir: str) -> dict[str, tuple[int, int]]:
+    """``{module: (out, in)}`` for every 2-D ``<module>.weight`` of a local checkpoint (headers only)."""
+    from vllm_av.checkpoint import Checkpoint
+
+    tensors = Checkpoint.open(model_dir).tensors
+    return {
+        name.removesuffix(".weight"): info.shape
+        for name, info in tensors.items()
+        if name.endswith(".weight") and len(info.shape) == 2
+    }
+
+
+def load_library(path: str, config: AVConfig, model_dir: str | None = None) -> list[AVEntry]:
+    """Validate every AV under ``path``; return them sorted by name (their library index).
+
+    ``model_dir``: the served model's local directory, if any; then each AV's shapes are
+    checked against the model's weights and its ``av.json`` fingerprint against the model.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise AVLibraryError(f"{root}: AV library directory not found")
+    model_shapes = _model_weight_shapes(model_dir) if model_dir and Path(model_dir).is_dir() else None
+    real_root = root.resolve()
+    entries: dict[str, AVEntry] = {}
+    for directory in sorted(p for p in root.iterdir() if not p.name.startswith(".")):
+        if not directory.resolve().is_relative_to(real_root):
+            raise _fail(directory, "is a link out of the AV library; refused")
+        if not directory.is_dir():
+            continue
+        if not (directory / ADAPTER_CONFIG).is_file():
+            raise _fail(directory / ADAPTER_CONFIG, "missing (every library sub-directory must be a PEFT LoRA adapter)")
+        entry = _load_entry(directory, config, model_shapes, model_dir if model_shapes is not None else None)
+        if entry.name in entries:
+            raise _fail(directory, f"AV name {entry.name!r} is also used by {entries[entry.name].path}")
+        entries[entry.name] = entry
+    if not entries:
+        raise AVLibraryError(f"{root}: the AV library holds no adapters")
+    return [entries[name] for name in sorted(entries)]

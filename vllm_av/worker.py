@@ -1,0 +1,213 @@
+"""Worker side: AV weights in buffers of their own on vLLM's LoRA layers, and per-token tables.
+
+After vLLM wraps the model's linear layers for LoRA, :func:`install` loads every AV of the
+library with vLLM's own LoRA loader (so q/k/v and gate/up packing, alpha/r folding and
+tensor-parallel slicing are vLLM's) into per-layer buffers ``_av_a [S, N, R, in]`` and
+``_av_b [N, OUT, R]``. They are separate from vLLM's LoRA slots, which vLLM wipes after
+warm-up, and keep fixed addresses for CUDA graphs.
+
+Each step, :meth:`AVWorkerState.update` fills the persistent tables ``index/scale [T, M]``
+(entry ``m`` of token row ``t``: library index, -1 = none, and scale) from the batch's
+requests, with vectorised numpy over requests (never a Python loop over tokens). Every
+wrapped layer then runs ``torch.ops.vllm_av.blend_`` unconditionally.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+import vllm_av.ops  # noqa: F401  (registers torch.ops.vllm_av.blend_)
+from vllm_av.config import AVConfig
+from vllm_av.library import AVEntry
+from vllm_av.mix import MixError, parse_mix
+
+logger = logging.getLogger("vllm.av")
+
+
+class AVTables:
+    """Persistent ``[max_tokens, M]`` index/scale tables read by every layer's blend op."""
+
+    def __init__(self, max_tokens: int, max_per_request: int, device: torch.device):
+        shape = (max_tokens, max_per_request)
+        self.index = torch.full(shape, -1, dtype=torch.int32, device=device)
+        self.scale = torch.zeros(shape, dtype=torch.float32, device=device)
+        if self.index.device.type == "cpu":
+            self._host = [(self.index, self.scale)]  # written in place, no copy
+        else:
+            # Two pinned staging buffers, alternated, so an in-flight copy is never overwritten.
+            self._host = [
+                (torch.full(shape, -1, dtype=torch.int32).pin_memory(), torch.zeros(shape).pin_memory())
+                for _ in range(2)
+            ]
+        self._turn = 0
+        self._filled = 0  # rows that may hold entries from the last update
+
+    def write(self, token_index: np.ndarray | None, token_scale: np.ndarray | None, num_tokens: int) -> None:
+        """Set rows ``[:num_tokens]`` (None = no entries) and clear rows left from the last step."""
+        if token_index is None and self._filled == 0:
+            return
+        if num_tokens > self.index.shape[0]:
+            raise ValueError(f"{num_tokens} tokens exceed the AV table size {self.index.shape[0]}")
+        rows = max(num_tokens, self._filled)
+        host_index, host_scale = self._host[self._turn]
+        self._turn = (self._turn + 1) % len(self._host)
+        hi, hs = host_index.numpy(), host_scale.numpy()
+        if token_index is None:
+            hi[:rows] = -1
+            hs[:rows] = 0.0
+        else:
+            hi[:num_tokens] = token_index
+            hs[:num_tokens] = token_scale
+            hi[num_tokens:rows] = -1
+            hs[num_tokens:rows] = 0.0
+        if host_index is not self.index:
+            self.index[:rows].copy_(host_index[:rows], non_blocking=True)
+            self.scale[:rows].copy_(host_scale[:rows], non_blocking=True)
+        self._filled = 0 if token_index is None else num_tokens
+
+
+class AVWorkerState:
+    """Maps requests to mixes and mixes to table rows, for one model runner."""
+
+    def __init__(self, entries: Sequence[AVEntry], config: AVConfig, tables: AVTables, max_live_mixes: int):
+        self.config = config
+        self.tables = tables
+        self.name_to_index = {entry.name: i for i, entry in enumerate(entries)}
+        self._capacity = max(4 * max_live_mixes, 64)
+        self._reset_pool()
+
+    def _reset_pool(self) -> None:
+        m = self.config.max_per_request
+        # Pool row 0 is the empty mix; each distinct mix in use gets one row.
+        self._pool_index = np.full((self._capacity + 1, m), -1, dtype=np.int32)
+        self._pool_scale = np.zeros((self._capacity + 1, m), dtype=np.float32)
+        self._mix_row: dict[tuple, int] = {(): 0}
+        self._req_row: dict[str, int] = {}
+
+    def _row_for_mix(self, mix: tuple) -> int:
+        row = self._mix_row.get(mix)
+        if row is None:
+            row = len(self._mix_row)
+            self._mix_row[mix] = row
+            for m, (name, scale) in enumerate(mix):
+                self._pool_index[row, m] = self.name_to_index[name]
+                self._pool_scale[row, m] = scale
+        return row
+
+    def _resolve(self, req_id: str, requests: dict) -> int:
+        extra = getattr(requests[req_id].sampling_params, "extra_args", None) or {}
+        spec = extra.get("av")
+        mix: tuple = ()
+        if spec is not None:
+            try:
+                mix = parse_mix(spec, self.name_to_index, self.config)
+            except MixError as exc:  # the frontend validates; reaching here is a bug
+                logger.error("vllm-av: request %s: %s; serving it without AV", req_id, exc)
+        if len(self._mix_row) > self._capacity:
+            self._compact(requests)
+        row = self._row_for_mix(mix)
+        self._req_row[req_id] = row
+        return row
+
+    def _compact(self, requests: dict) -> None:
+        """Forget finished requests and the mixes only they used."""
+        live = {rid: row for rid, row in self._req_row.items() if rid in requests}
+        mixes = {row: mix for mix, row in self._mix_row.items()}
+        self._reset_pool()
+        for rid, row in live.items():
+            self._req_row[rid] = self._row_for_mix(mixes[row])
+
+    def update(self, req_ids: Sequence[str], num_scheduled_tokens: np.ndarray, requests: dict) -> None:
+        """Fill the tables for a batch: request ``req_ids[i]`` owns ``num_scheduled_tokens[i]`` rows."""
+        get = self._req_row.get
+        rows = np.fromiter(
+            (r if (r := get(rid)) is not None else self._resolve(rid, requests) for rid in req_ids),
+            dtype=np.int64,
+            count=len(req_ids),
+        )
+        num_tokens = int(num_scheduled_tokens.sum())
+        if not rows.any():
+            self.tables.write(None, None, num_tokens)
+            return
+        token_rows = np.repeat(rows, num_scheduled_tokens)
+        self.tables.write(self._pool_index[token_rows], self._pool_scale[token_rows], num_tokens)
+
+
+def attach_layer(layer, weights: list, tables: AVTables, rank: int) -> None:
+    """Load ``weights`` (one vLLM ``LoRALayerWeights`` or None per AV) into ``layer``'s AV buffers.
+
+    Uses the layer's own ``set_lora`` on temporary stacks, so vLLM's slicing and packing apply.
+    """
+    num_avs = len(weights)
+    dtype, device = layer.lora_a_stacked[0].dtype, layer.lora_a_stacked[0].device
+    stacks_a = tuple(torch.zeros(num_avs, 1, rank, a.shape[3], dtype=dtype, device=device) for a in layer.lora_a_stacked)
+    stacks_b = tuple(torch.zeros(num_avs, 1, b.shape[2], rank, dtype=dtype, device=device) for b in layer.lora_b_stacked)
+    saved = layer.lora_a_stacked, layer.lora_b_stacked
+    layer.lora_a_stacked, layer.lora_b_stacked = stacks_a, stacks_b
+    try:
+        for k, w in enumerate(weights):
+            if w is not None:
+                layer.set_lora(k, w.lora_a, w.lora_b)
+    finally:
+        layer.lora_a_stacked, layer.lora_b_stacked = saved
+    layer._av_a = torch.stack([a[:, 0] for a in stacks_a]).contiguous()
+    layer._av_b = torch.cat([b[:, 0] for b in stacks_b], dim=1).contiguous()
+    layer._av_slices = [b.shape[2] for b in stacks_b]
+    layer._av_tables = tables
+
+
+def load_lora_model(runner, entry: AVEntry, lora_id: int):
+    """Load one AV directory with vLLM's LoRA loader (packing and alpha/r folding included)."""
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.peft_helper import PEFTHelper
+
+    worker_manager = runner.lora_manager
+    manager = worker_manager._adapter_manager
+    expected: set[str] = set()
+    for module in manager.supported_lora_modules:
+        expected.update(manager.packed_modules_mapping.get(module, [module]))
+    peft_helper = PEFTHelper.from_local_dir(entry.path, worker_manager.max_position_embeddings)
+    mapper = getattr(manager.model, "hf_to_vllm_mapper", None)
+    lora = LoRAModel.from_local_checkpoint(
+        entry.path,
+        expected,
+        peft_helper=peft_helper,
+        lora_model_id=lora_id,
+        device="cpu",
+        dtype=worker_manager.lora_config.lora_dtype,
+        model_vocab_size=worker_manager.vocab_size,
+        weights_mapper=mapper.get_rename_mapper() if mapper is not None else None,
+    )
+    manager._create_merged_loras_inplace(lora)
+    return lora
+
+
+def install(runner, model, vllm_config, entries: Sequence[AVEntry], config: AVConfig) -> AVWorkerState:
+    """Load the library into ``model`` (LoRA-wrapped by ``runner``); return the runner's AV state."""
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+
+    manager = runner.lora_manager._adapter_manager
+    models = [load_lora_model(runner, entry, lora_id=i + 1) for i, entry in enumerate(entries)]
+    rank = max(entry.rank for entry in entries)
+    device = next(iter(model.parameters())).device
+    tables = AVTables(vllm_config.scheduler_config.max_num_batched_tokens, config.max_per_request, device)
+    layers = 0
+    for name, layer in manager.modules.items():
+        if not isinstance(layer, BaseLinearLayerWithLoRA):
+            continue
+        weights = [manager._get_lora_layer_weights(model, name) for model in models]
+        if any(w is not None for w in weights):
+            attach_layer(layer, weights, tables, rank)
+            layers += 1
+    if layers == 0:
+        raise ValueError("vllm-av: no AV in the library matches a LoRA-capable layer of this model")
+    impl = vllm_av.ops.cuda_impl_name() if device.type == "cuda" else "reference (torch)"
+    logger.info(
+        "vllm-av: %d AVs (max rank %d) on %d layers; up to %d per request; blend implementation: %s",
+        len(entries), rank, layers, config.max_per_request, impl,
+    )
+    return AVWorkerState(entries, config, tables, vllm_config.scheduler_config.max_num_seqs)
