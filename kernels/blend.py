@@ -1,0 +1,305 @@
+"""Fused Triton kernel for ``torch.ops.vllm_av.blend_`` (layout: see :mod:`vllm_av.ops`).
+
+The op computes, for every token row ``t``::
+
+    y[t, slice_k] += sum_n coef[t, n] * B[n, slice_k] @ (A[k, n] @ x[t]),
+    coef[t, n] = sum of av_scale[t, m] over the entries m with av_index[t, m] == n
+
+Design
+------
+Rows are processed in tiles of ``BLOCK_T`` rows.  For one row tile, a library entry ``n`` is
+*present* when some row of the tile gives it a non-zero coefficient; everything about absent
+entries is skipped (no loads), so a tile whose rows are all ``-1`` / zero-scale costs one
+small load of ``av_index`` and nothing else.  Work on a present entry is a dense low-rank
+GEMM on tensor cores over the whole tile, so rows that share an adapter share its A/B tiles
+(the grouping by adapter happens per tile, from the data, on the device).
+
+The launch has two kinds of programs, both in one 1-D grid:
+
+* *shrink* programs ``(row tile, slice k, library entry n, K-split ks)`` write
+  ``h[ks, t, k, n, :] = coef[t, n] * A[k, n, :, K-chunk ks] @ x[t, K-chunk ks]`` to a small
+  float32 scratch buffer (split-K partials, no atomics);
+* *expand* programs ``(row tile, column tile, slice k)`` own a tile of ``y``: they sum the
+  partials of the present entries, multiply by ``B`` and add the result to ``y`` once, in
+  float32.
+
+By default both kinds run in the same launch: shrink programs have the lower program ids, and
+expand programs wait on a device counter until every shrink program has published its
+partials (CUDA dispatches blocks in id order, so the producers are always resident before
+any waiter).  The last expand program resets the counter, so the launch is self-contained
+and replays correctly inside a CUDA graph.  ``two_launches=True`` runs the same kernel as two
+launches (shrink, then expand) instead.
+
+Shape-based configuration (:func:`blend_config`) selects the decode-shaped variant (few rows:
+16-row tiles, narrow column tiles, K split across many programs so that even one token
+spreads the adapter reads over the whole GPU) or the prefill-shaped one (thousands of rows:
+large row tiles so each A/B tile is reused by many rows, no K split).  Nothing depends on
+the values in ``av_index``/``av_scale`` on the host: no synchronisation, no ``.item()``, and
+the grid is a function of the shapes only.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_SLICES_PER_LAUNCH = 4
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass(frozen=True)
+class BlendConfig:
+    """Tile sizes and launch shape for one call; derived from shapes only."""
+
+    block_t: int  # rows per tile
+    block_n: int  # output columns per expand program
+    block_k: int  # input features per shrink step
+    k_split: int  # shrink programs per (row tile, slice, entry) along the input dim
+    num_warps: int
+    two_launches: bool = False
+
+
+def blend_config(num_rows: int, d_in: int, num_slices: int, num_avs: int, num_entries: int) -> BlendConfig:
+    """Choose the decode- or prefill-shaped configuration from the problem shape."""
+    if num_rows <= 64:  # decode-shaped: few rows, spread the adapter reads across programs
+        block_t = 16 if num_rows <= 16 else (32 if num_rows <= 32 else 64)
+        block_n, num_warps = 64, 4
+    elif num_rows <= 512:
+        block_t, block_n, num_warps = 64, 128, 4
+    else:  # prefill-shaped: big row tiles, each A/B tile reused by many rows
+        block_t, block_n, num_warps = 128, 128, 8
+    block_k = 64
+    row_tiles = triton.cdiv(num_rows, block_t)
+    # present entries per tile is data; estimate it from shapes: at most min(N, rows * M)
+    present_estimate = min(num_avs, num_rows * num_entries)
+    wanted = triton.cdiv(256, row_tiles * num_slices * max(present_estimate, 1))
+    k_split = min(triton.next_power_of_2(wanted), 16, max(1, triton.cdiv(d_in, block_k)))
+    return BlendConfig(block_t, block_n, block_k, k_split, num_warps)
+
+
+@triton.jit
+def _slice_bounds(k, W0, W1, W2, W3):
+    """Column offset and width of slice ``k`` (at most four slices per launch)."""
+    offset = tl.where(k > 0, W0, 0) + tl.where(k > 1, W1, 0) + tl.where(k > 2, W2, 0)
+    width = tl.where(k == 0, W0, tl.where(k == 1, W1, tl.where(k == 2, W2, W3)))
+    return offset, width
+
+
+@triton.jit
+def _load_entries(index_ptr, scale_ptr, row0, T, M, stride_it, stride_st,
+                  BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The tile's ``av_index`` (-1 where padded) and ``av_scale`` (0 where padded)."""
+    rows = row0 + tl.arange(0, BLOCK_T)
+    ms = tl.arange(0, BLOCK_M)
+    mask = (rows[:, None] < T) & (ms[None, :] < M)
+    idx = tl.load(index_ptr + rows[:, None] * stride_it + ms[None, :], mask=mask, other=-1)
+    scale = tl.load(scale_ptr + rows[:, None] * stride_st + ms[None, :], mask=mask, other=0.0)
+    return idx, scale
+
+
+@triton.jit
+def _mma(a, b, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """``a @ b`` with float32 accumulation.
+
+    ``DOT_UPCAST`` is set only under ``TRITON_INTERPRET=1`` for bfloat16, whose ``tl.dot`` the
+    interpreter gets wrong; the exact upcast keeps the arithmetic of the compiled kernel.
+    """
+    if DOT_UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, out_dtype=tl.float32, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _coef(idx, scale, n):
+    """``coef[t] = sum_m scale[t, m] * (idx[t, m] == n)`` for one library entry ``n``."""
+    return tl.sum(tl.where(idx == n, scale, 0.0), axis=1)
+
+
+@triton.jit
+def _shrink_tile(pid, x_ptr, a_ptr, h_ptr, index_ptr, scale_ptr,
+                 T, M, D_IN, N, R,
+                 stride_xt, stride_ak, stride_an, stride_ar, stride_it, stride_st,
+                 h_stride_ks, h_stride_t, h_stride_k, h_stride_n,
+                 NUM_SLICES: tl.constexpr, K_SPLIT: tl.constexpr,
+                 BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """Program ``pid`` -> (row tile, slice, entry, K chunk): write its coef-scaled partial."""
+    ks = pid % K_SPLIT
+    n = (pid // K_SPLIT) % N
+    k = (pid // (K_SPLIT * N)) % NUM_SLICES
+    row0 = (pid // (K_SPLIT * N * NUM_SLICES)) * BLOCK_T
+    idx, scale = _load_entries(index_ptr, scale_ptr, row0, T, M, stride_it, stride_st, BLOCK_T, BLOCK_M)
+    coef = _coef(idx, scale, n)
+    if tl.max(tl.abs(coef), axis=0) > 0:  # entry n is present in this row tile
+        rows = row0 + tl.arange(0, BLOCK_T)
+        rs = tl.arange(0, BLOCK_R)
+        chunk = tl.cdiv(tl.cdiv(D_IN, K_SPLIT), BLOCK_K) * BLOCK_K
+        k_lo = ks * chunk
+        k_hi = tl.minimum(k_lo + chunk, D_IN)
+        a_base = a_ptr + k.to(tl.int64) * stride_ak + n.to(tl.int64) * stride_an
+        acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xt + cols[None, :],
+                        mask=(rows[:, None] < T) & (cols[None, :] < k_hi), other=0.0)
+            a = tl.load(a_base + rs[None, :] * stride_ar + cols[:, None],
+                        mask=(rs[None, :] < R) & (cols[:, None] < k_hi), other=0.0)
+            acc += _mma(x.to(a.dtype), a, DOT_PRECISION, DOT_UPCAST)
+        acc = acc * coef[:, None]
+        h = (h_ptr + ks * h_stride_ks + rows[:, None] * h_stride_t + k * h_stride_k
+             + n * h_stride_n + rs[None, :])
+        tl.store(h, acc, mask=rows[:, None] < T)
+
+
+@triton.jit
+def _expand_tile(pid, y_ptr, b_ptr, h_ptr, index_ptr, scale_ptr,
+                 T, M, N, R, W0, W1, W2, W3,
+                 stride_yt, stride_bn, stride_bo, stride_it, stride_st,
+                 h_stride_ks, h_stride_t, h_stride_k, h_stride_n,
+                 NUM_SLICES: tl.constexpr, K_SPLIT: tl.constexpr, COL_TILES: tl.constexpr,
+                 BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """Program ``pid`` -> (row tile, slice, column tile): ``y_tile += sum_n h_n @ B_n^T``.
+
+    Rows without any non-zero entry are neither loaded nor stored.
+    """
+    col_tile = pid % COL_TILES
+    k = (pid // COL_TILES) % NUM_SLICES
+    row0 = (pid // (COL_TILES * NUM_SLICES)) * BLOCK_T
+    offset, width = _slice_bounds(k, W0, W1, W2, W3)
+    idx, scale = _load_entries(index_ptr, scale_ptr, row0, T, M, stride_it, stride_st, BLOCK_T, BLOCK_M)
+    row_active = tl.sum(((idx >= 0) & (scale != 0.0)).to(tl.int32), axis=1) > 0
+    if (col_tile * BLOCK_N < width) & (tl.max(row_active.to(tl.int32), axis=0) > 0):
+        rows = row0 + tl.arange(0, BLOCK_T)
+        rs = tl.arange(0, BLOCK_R)
+        cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < width
+        acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        for n in range(0, N):
+            coef = _coef(idx, scale, n)
+            present = tl.max(tl.abs(coef), axis=0) > 0  # masks below skip absent entries' loads
+            h_rows = h_ptr + rows[:, None] * h_stride_t + k * h_stride_k + n * h_stride_n + rs[None, :]
+            h_mask = tl.where(present, rows[:, None] < T, False)
+            h = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+            for ks in range(K_SPLIT):
+                h += tl.load(h_rows + ks * h_stride_ks, mask=h_mask, other=0.0, cache_modifier=".cg")
+            b = tl.load(b_ptr + tl.cast(n, tl.int64) * stride_bn + (offset + cols[None, :]) * stride_bo + rs[:, None],
+                        mask=tl.where(present, col_ok[None, :] & (rs[:, None] < R), False), other=0.0)
+            acc += _mma(h.to(b.dtype), b, DOT_PRECISION, DOT_UPCAST)
+        y = y_ptr + rows[:, None].to(tl.int64) * stride_yt + offset + cols[None, :]
+        mask = row_active[:, None] & (rows[:, None] < T) & col_ok[None, :]
+        y_old = tl.load(y, mask=mask, other=0.0)
+        tl.store(y, (y_old.to(tl.float32) + acc).to(y_old.dtype), mask=mask)
+
+
+@triton.jit
+def _blend_kernel(y_ptr, x_ptr, a_ptr, b_ptr, h_ptr, index_ptr, scale_ptr, sync_ptr,
+                  T, M, D_IN, N, R, W0, W1, W2, W3,
+                  stride_yt, stride_xt, stride_ak, stride_an, stride_ar, stride_bn, stride_bo,
+                  stride_it, stride_st, h_stride_ks, h_stride_t, h_stride_k, h_stride_n,
+                  NUM_SHRINK, NUM_EXPAND,
+                  PHASE: tl.constexpr,  # 0: shrink and expand in one launch, 1: shrink, 2: expand
+                  NUM_SLICES: tl.constexpr, K_SPLIT: tl.constexpr, COL_TILES: tl.constexpr,
+                  BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                  BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """Entry point: dispatch the program to its shrink or expand role (see module docstring)."""
+    pid = tl.program_id(0)
+    if PHASE == 2:
+        pid += NUM_SHRINK
+    if pid < NUM_SHRINK:
+        _shrink_tile(pid, x_ptr, a_ptr, h_ptr, index_ptr, scale_ptr, T, M, D_IN, N, R,
+                     stride_xt, stride_ak, stride_an, stride_ar, stride_it, stride_st,
+                     h_stride_ks, h_stride_t, h_stride_k, h_stride_n,
+                     NUM_SLICES, K_SPLIT, BLOCK_T, BLOCK_M, BLOCK_R, BLOCK_K, DOT_PRECISION, DOT_UPCAST)
+        if PHASE == 0:
+            tl.atomic_add(sync_ptr, 1, sem="release")  # publish this program's partials
+    else:
+        if PHASE == 0:
+            while tl.atomic_add(sync_ptr, 0, sem="acquire") < NUM_SHRINK:
+                pass
+        _expand_tile(pid - NUM_SHRINK, y_ptr, b_ptr, h_ptr, index_ptr, scale_ptr,
+                     T, M, N, R, W0, W1, W2, W3,
+                     stride_yt, stride_bn, stride_bo, stride_it, stride_st,
+                     h_stride_ks, h_stride_t, h_stride_k, h_stride_n,
+                     NUM_SLICES, K_SPLIT, COL_TILES, BLOCK_T, BLOCK_M, BLOCK_R, BLOCK_N, DOT_PRECISION, DOT_UPCAST)
+        if PHASE == 0:
+            # the last expand program to finish resets the counters for the next launch
+            if tl.atomic_add(sync_ptr + 1, 1) == NUM_EXPAND - 1:
+                tl.atomic_xchg(sync_ptr + 1, 0)
+                tl.atomic_xchg(sync_ptr, 0)
+
+
+_sync_buffers: dict[torch.device, torch.Tensor] = {}
+
+
+def _sync_buffer(device: torch.device) -> torch.Tensor:
+    """Per-device ``int32[2]`` counters (producers done, consumers done); zero between launches."""
+    buf = _sync_buffers.get(device)
+    if buf is None:
+        buf = _sync_buffers[device] = torch.zeros(2, dtype=torch.int32, device=device)
+    return buf
+
+
+def _launch_slices(y, x, lora_a, lora_b, av_index, av_scale, widths, cfg: BlendConfig) -> None:
+    """One blend launch (or two with ``cfg.two_launches``) for up to four consecutive slices."""
+    num_slices, num_avs, rank, d_in = lora_a.shape
+    num_rows, num_entries = av_index.shape
+    block_r = max(16, triton.next_power_of_2(rank))
+    h = torch.empty((cfg.k_split, num_rows, num_slices, num_avs, block_r), dtype=torch.float32, device=y.device)
+    row_tiles = triton.cdiv(num_rows, cfg.block_t)
+    col_tiles = triton.cdiv(max(widths), cfg.block_n)
+    num_shrink = row_tiles * num_slices * num_avs * cfg.k_split
+    num_expand = row_tiles * num_slices * col_tiles
+    w = list(widths) + [0] * (MAX_SLICES_PER_LAUNCH - len(widths))
+    args = (y, x, lora_a, lora_b, h, av_index, av_scale, _sync_buffer(y.device),
+            num_rows, num_entries, d_in, num_avs, rank, *w,
+            y.stride(0), x.stride(0), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
+            lora_b.stride(0), lora_b.stride(1), av_index.stride(0), av_scale.stride(0),
+            h.stride(0), h.stride(1), h.stride(2), h.stride(3), num_shrink, num_expand)
+    meta = dict(NUM_SLICES=num_slices, K_SPLIT=cfg.k_split, COL_TILES=col_tiles,
+                BLOCK_T=cfg.block_t, BLOCK_M=triton.next_power_of_2(num_entries), BLOCK_R=block_r,
+                BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+                # fp32 inputs: exact fp32 products (no TF32), as the reference computes
+                DOT_PRECISION="ieee" if lora_b.dtype == torch.float32 else "tf32",
+                DOT_UPCAST=_INTERPRET and lora_b.dtype == torch.bfloat16)
+    if cfg.two_launches:
+        _blend_kernel[(num_shrink,)](*args, PHASE=1, **meta)
+        _blend_kernel[(num_expand,)](*args, PHASE=2, **meta)
+    else:
+        _blend_kernel[(num_shrink + num_expand,)](*args, PHASE=0, **meta)
+
+
+def blend_triton(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    av_index: torch.Tensor,
+    av_scale: torch.Tensor,
+    out_slices: list[int],
+    config: BlendConfig | None = None,
+) -> None:
+    """``y += blend(x)`` in place with the fused kernel; same contract as ``blend_reference``.
+
+    ``config`` overrides the shape-based choice of :func:`blend_config` (for benchmarks).
+    """
+    num_rows = y.shape[0]
+    if num_rows == 0 or av_index.shape[1] == 0:
+        return
+    if x.stride(-1) != 1 or y.stride(-1) != 1:
+        raise ValueError("x and y need unit stride along the feature dim")
+    lora_a = lora_a.contiguous()
+    lora_b = lora_b.contiguous()
+    av_index = av_index.contiguous()
+    av_scale = av_scale.contiguous()
+    cfg = config or blend_config(num_rows, x.shape[1], len(out_slices), lora_a.shape[1], av_index.shape[1])
+    col = 0
+    for first in range(0, len(out_slices), MAX_SLICES_PER_LAUNCH):
+        widths = out_slices[first : first + MAX_SLICES_PER_LAUNCH]
+        _launch_slices(y[:, col : col + sum(widths)], x, lora_a[first : first + len(widths)],
+                       lora_b[:, col : col + sum(widths)], av_index, av_scale, widths, cfg)
+        col += sum(widths)
