@@ -15,12 +15,18 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from vllm.exceptions import VLLMValidationError
+
 from vllm_av.config import AVConfig, av_config_from
 from vllm_av.mix import MixError, mix_to_str, parse_mix
 
 logger = logging.getLogger("vllm.av")
 
 MIX_KEY = "av"
+
+
+class AVMixRejected(VLLMValidationError, ValueError):
+    """A request's AV mix was rejected: HTTP 400 on the server, a ``ValueError`` offline."""
 
 
 @dataclass
@@ -55,7 +61,6 @@ def admit(params, served: ServedLibrary | None) -> tuple:
 
 
 def _install_input_processor() -> None:
-    from vllm.exceptions import VLLMValidationError
     from vllm.v1.engine.input_processor import InputProcessor
 
     from vllm_av.plugin import library_for, local_model_dir
@@ -76,7 +81,7 @@ def _install_input_processor() -> None:
         try:
             mix = admit(params, getattr(self, "_vllm_av", None))
         except MixError as exc:
-            raise VLLMValidationError(str(exc), parameter="vllm_xargs.av") from None
+            raise AVMixRejected(str(exc), parameter="vllm_xargs.av") from None
         request = original_process(self, request_id, prompt, params, *args, **kwargs)
         sampling = request.sampling_params
         if sampling is not None and sampling.extra_args and MIX_KEY in sampling.extra_args:

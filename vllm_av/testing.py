@@ -8,6 +8,7 @@ embedding, so that extraction has deltas it cannot serve and must report).
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -149,3 +150,71 @@ def make_aligned_variant(
         save_file(tensors, str(out / shard.name), metadata={"format": "pt"})
     return out
 
+
+
+def _peft_scaling(adapter_config: dict, module: str) -> float:
+    """alpha/r of ``module`` under PEFT's rank_pattern/alpha_pattern suffix matching."""
+    import re
+
+    def pick(pattern: dict, default):
+        for key, value in (pattern or {}).items():
+            if re.match(rf"(.*\.)?{key}$", module):
+                return value
+        return default
+
+    rank = pick(adapter_config.get("rank_pattern"), adapter_config["r"])
+    alpha = pick(adapter_config.get("alpha_pattern"), adapter_config["lora_alpha"])
+    return alpha / rank
+
+
+def merged_model(base_dir: str | Path, library_dir: str | Path, mix: dict[str, float]):
+    """The correctness oracle: transformers model with weights ``W + sum_k s_k * scaling_k * B_k A_k``.
+
+    ``mix`` maps AV directory names under ``library_dir`` to scales; merging is in float64.
+    """
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    weights = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, scale in mix.items():
+            adapter = Path(library_dir) / name
+            adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+            tensors = load_file(str(adapter / "adapter_model.safetensors"))
+            for key, lora_a in tensors.items():
+                if not key.endswith(".lora_A.weight"):
+                    continue
+                module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+                lora_b = tensors[key.replace(".lora_A.", ".lora_B.")]
+                delta = lora_b.double() @ lora_a.double()
+                weight = weights[module + ".weight"]
+                factor = scale * _peft_scaling(adapter_config, module)
+                weight.copy_((weight.double() + factor * delta).to(weight.dtype))
+    return model.eval()
+
+
+DEMO_AVS = {"alpha": 1, "beta": 2, "gamma": 3}  # AV name -> seed of its perturbation
+
+
+def build_demo(root: str | Path, *, rank: int = 4, progress: bool = False) -> tuple[Path, Path]:
+    """Build the tiny base model and a library of three AVs under ``root``; return (model, library).
+
+    Each AV is extracted (``vllm-av extract``) from the base and a perturbed "aligned" copy.
+    Reuses what an earlier call left in ``root``.
+    """
+    from vllm_av.extract import extract
+
+    root = Path(root)
+    base = root / "model"
+    library = root / "avs"
+    if not (base / "config.json").is_file():
+        build_tiny_model(base)
+    for name, seed in DEMO_AVS.items():
+        if (library / name / "av.json").is_file():
+            continue
+        aligned = make_aligned_variant(base, root / "aligned" / name, seed=seed, rank=rank)
+        extract(base, aligned, library / name, rank=rank, name=name, force=True, progress=progress,
+                description=f"demo AV: seeded rank-{rank} perturbation #{seed} of the tiny model")
+    return base, library

@@ -1,0 +1,90 @@
+"""Shared fixtures for the extraction tests: tiny checkpoints and a CLI runner."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from vllm_av.cli import main
+from vllm_av.testing import LINEAR_SUFFIXES, build_tiny_model, make_aligned_variant
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    """``(base, aligned)`` single-file tiny Llama checkpoints; aligned = base + rank-4 linear deltas
+    (+ small dense deltas on the embedding and one norm, which LoRA cannot carry)."""
+    root = tmp_path_factory.mktemp("tiny")
+    base = build_tiny_model(root / "base", seed=0, hidden_size=64, intermediate_size=128, num_layers=2)
+    return base, make_aligned_variant(base, root / "aligned", seed=1)
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run ``vllm-av ARGS...`` in-process; return ``(exit code, stdout, stderr)``."""
+
+    def run(*argv):
+        code = main([str(a) for a in argv] + (["--no-progress"] if argv[0] == "extract" else []))
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+def copy_checkpoint(src: Path, dst: Path, edit=None) -> Path:
+    """Copy a single-file checkpoint, applying ``edit(tensors: dict) -> None`` to its tensors."""
+    shutil.copytree(src, dst)
+    if edit is not None:
+        tensors = load_file(dst / "model.safetensors")
+        edit(tensors)
+        save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def reshard(src: Path, dst: Path, shards: int) -> Path:
+    """Rewrite a single-file checkpoint as ``shards`` files plus ``model.safetensors.index.json``."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors"))
+    tensors = load_file(src / "model.safetensors")
+    names = sorted(tensors)
+    weight_map = {}
+    for i in range(shards):
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: tensors[n] for n in names[i::shards]}
+        save_file(part, dst / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, file))
+    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    return dst
+
+
+def plant_deltas(base: Path, out: Path, *, decay: float = 0.6, max_rank: int = 8, zero=(), seed: int = 0) -> Path:
+    """``base`` + a delta with singular values ``decay**i`` (i < max_rank, module-dependent scale) on
+    every linear weight except the modules in ``zero``; the planted deltas are returned by ``planted``."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def edit(tensors):
+        for name in sorted(tensors):
+            w = tensors[name]
+            if name.split(".")[-2] not in LINEAR_SUFFIXES or name.removesuffix(".weight") in zero:
+                continue
+            k = min(max_rank, *w.shape)
+            U = torch.linalg.qr(torch.randn(w.shape[0], k, generator=gen)).Q
+            V = torch.linalg.qr(torch.randn(w.shape[1], k, generator=gen)).Q
+            s = decay ** torch.arange(k, dtype=torch.float32) * (0.5 + torch.rand(1, generator=gen))
+            tensors[name] = w + (U * s) @ V.T
+
+    return copy_checkpoint(base, out, edit)
+
+
+@pytest.fixture
+def helpers():
+    """The checkpoint helpers of this conftest, for test modules."""
+
+    class Helpers:
+        copy_checkpoint = staticmethod(copy_checkpoint)
+        reshard = staticmethod(reshard)
+        plant_deltas = staticmethod(plant_deltas)
+
+    return Helpers

@@ -1,0 +1,181 @@
+"""End-to-end AV serving in vLLM (offline ``LLM``) on the tiny model, checked against the oracle.
+
+Oracle: the same model in transformers with merged weights ``W + sum_k s_k B_k A_k`` (float64
+merge, float32 model). vLLM runs in float32 too, so greedy tokens must match exactly.
+
+Logprob tolerance: 1e-3 absolute. vLLM adds the low-rank delta as a separate matmul (x·Aᵀ·Bᵀ)
+while the oracle folds it into W, so float32 rounding differs by ~1e-6 relative per layer;
+through 2 layers and a 512-way softmax the measured gap is ~1e-5, and 1e-3 still catches any
+wrong scale, sign or AV (those move logprobs by > 0.1).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_av.testing import build_demo, merged_model
+
+pytestmark = pytest.mark.vllm
+
+MAX_TOKENS = 10
+# On CPU this is the share of the NUMA node's memory vLLM insists is free at start; the default
+# (0.92) fails whenever anything else runs. The KV cache itself is VLLM_CPU_KVCACHE_SPACE.
+ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=16, gpu_memory_utilization=0.4)
+LOGPROB_TOL = 1e-3
+PROMPTS = ["medical: the patient", "legal: the court said that the contract"]
+MIXES = [
+    {"alpha": 1.0},
+    {"alpha": 0.8, "beta": -0.5, "gamma": 1.7},
+    {"beta": 2.5},
+    {"gamma": -1.0},
+]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return build_demo(tmp_path_factory.mktemp("demo"))
+
+
+@pytest.fixture(scope="module")
+def llm(demo):
+    from vllm import LLM
+
+    model, library = demo
+    engine = LLM(
+        str(model),
+        **ENGINE,
+        enable_lora=True,
+        max_loras=2,  # > adapters loaded, so vLLM's CPU "-1 = last slot" bug cannot trip
+        max_lora_rank=8,
+        additional_config={"av": {"path": str(library), "max_per_request": 4}},
+    )
+    yield engine
+    del engine
+
+
+def params(mix=None, max_tokens=MAX_TOKENS):
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=0.0, logprobs=0, extra_args={"av": mix} if mix is not None else None
+    )
+
+
+def oracle(demo, mix, prompts, max_tokens=MAX_TOKENS):
+    """Greedy tokens and their logprobs from the merged-weights transformers model."""
+    from transformers import AutoTokenizer
+
+    model_dir, library = demo
+    model = merged_model(model_dir, library, mix)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    results = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(
+                ids, max_new_tokens=max_tokens, do_sample=False, output_scores=True, return_dict_in_generate=True
+            )
+        tokens = out.sequences[0, ids.shape[1]:].tolist()
+        logprobs = [torch.log_softmax(s[0].double(), -1)[t].item() for s, t in zip(out.scores, tokens)]
+        results.append((tokens, logprobs))
+    return results
+
+
+def tokens_and_logprobs(output):
+    completion = output.outputs[0]
+    tokens = list(completion.token_ids)
+    return tokens, [step[t].logprob for step, t in zip(completion.logprobs, tokens)]
+
+
+@pytest.mark.parametrize("mix", MIXES, ids=lambda m: "+".join(f"{k}{v:+}" for k, v in m.items()))
+def test_served_mix_matches_merged_weights_oracle(llm, demo, mix):
+    outputs = llm.generate(PROMPTS, params(mix), use_tqdm=False)
+    for output, (want_tokens, want_logprobs) in zip(outputs, oracle(demo, mix, PROMPTS)):
+        tokens, logprobs = tokens_and_logprobs(output)
+        assert tokens == want_tokens
+        assert max(abs(a - b) for a, b in zip(logprobs, want_logprobs)) < LOGPROB_TOL
+
+
+def test_mix_changes_output(llm):
+    """Guards the oracle test: the AVs are strong enough to change greedy tokens."""
+    base, mixed = llm.generate(PROMPTS[:1] * 2, [params(), params({"alpha": 1.0})], use_tqdm=False)
+    assert base.outputs[0].token_ids != mixed.outputs[0].token_ids
+
+
+def test_heterogeneous_batch_rows_equal_isolated_runs(llm, demo):
+    from vllm.lora.request import LoRARequest
+
+    _, library = demo
+    lora = LoRARequest("beta_as_lora", 1, str(library / "beta"))
+    rows = [
+        (None, None),
+        ({"alpha": 1.0}, None),
+        ({"alpha": 0.8, "beta": -0.5, "gamma": 1.7}, None),
+        (None, lora),
+        ({"gamma": -1.3, "beta": 0.4}, None),
+    ]
+    prompt = PROMPTS[1]
+    batch = llm.generate(
+        [prompt] * len(rows), [params(mix) for mix, _ in rows], lora_request=[lr for _, lr in rows], use_tqdm=False
+    )
+    for (mix, lr), together in zip(rows, batch):
+        (alone,) = llm.generate([prompt], params(mix), lora_request=lr, use_tqdm=False)
+        assert together.outputs[0].token_ids == alone.outputs[0].token_ids, (mix, lr)
+    # The regular LoRA row serves AV "beta" as an ordinary adapter: it must equal the mix {beta: 1}.
+    (as_mix,) = llm.generate([prompt], params({"beta": 1.0}), use_tqdm=False)
+    assert batch[3].outputs[0].token_ids == as_mix.outputs[0].token_ids
+
+
+def test_zero_scales_and_empty_mix_are_the_base_model(llm):
+    base, zero, empty = llm.generate(
+        PROMPTS[:1] * 3, [params(), params({"alpha": 0.0, "beta": 0}), params({})], use_tqdm=False
+    )
+    assert tokens_and_logprobs(zero) == tokens_and_logprobs(base) == tokens_and_logprobs(empty)
+
+
+def test_prefix_cache_is_isolated_per_mix(llm, demo):
+    """The same long prompt under two mixes, prefix caching on: each gets its own oracle output."""
+    assert llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
+    prompt = "financial: " + " ".join(["the bank said the loan interest rate would rise"] * 12)
+    mix_a, mix_b = {"alpha": 1.2}, {"gamma": -0.9, "beta": 0.6}
+    runs = [(mix_a, llm.generate([prompt], params(mix_a), use_tqdm=False)[0])]
+    runs.append((mix_b, llm.generate([prompt], params(mix_b), use_tqdm=False)[0]))
+    runs.append((None, llm.generate([prompt], params(), use_tqdm=False)[0]))
+    runs.append((mix_a, llm.generate([prompt], params(mix_a), use_tqdm=False)[0]))
+    assert runs[-1][1].num_cached_tokens > 0, "the repeated mix should hit the prefix cache"
+    for mix, output in runs:
+        ((want_tokens, _),) = oracle(demo, mix or {}, [prompt])
+        assert list(output.outputs[0].token_ids) == want_tokens, mix
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"nope": 1.0}, "unknown av 'nope'"),
+        ({"alpha": float("nan")}, "must be finite"),
+        ({"alpha": 9.0}, "exceeds this server's limit"),
+        ("alpha:1,beta:1,gamma:1,alpha:2", "appears more than once"),
+        ("alpha:1,beta:1,gamma:1,a:1,b:1", "at most 4"),
+        ("alpha=1", "must look like name:scale"),
+    ],
+)
+def test_bad_offline_mix_is_a_clear_error_and_engine_keeps_serving(llm, spec, message):
+    with pytest.raises(ValueError, match=message):
+        llm.generate(PROMPTS[:1], params(spec), use_tqdm=False)
+    (ok,) = llm.generate(PROMPTS[:1], params({"alpha": 1.0}), use_tqdm=False)
+    assert len(ok.outputs[0].token_ids) == MAX_TOKENS
+
+
+def test_rows_without_mix_equal_vanilla_vllm_exactly(llm, demo):
+    """Plugin installed but AV not enabled = vanilla vLLM; its tokens and logprobs equal the AV engine's no-mix rows."""
+    from vllm import LLM
+
+    model, _ = demo
+    with_av = [tokens_and_logprobs(o) for o in llm.generate(PROMPTS, params(), use_tqdm=False)]
+    vanilla = LLM(str(model), **ENGINE)
+    try:
+        plain = [tokens_and_logprobs(o) for o in vanilla.generate(PROMPTS, params(), use_tqdm=False)]
+    finally:
+        del vanilla
+    assert with_av == plain
