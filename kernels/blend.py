@@ -67,11 +67,9 @@ def blend_config(num_rows: int, d_in: int, num_slices: int, num_avs: int, num_en
     """Choose the decode- or prefill-shaped configuration from the problem shape."""
     if num_rows <= 64:  # decode-shaped: few rows, spread the adapter reads across programs
         block_t = 16 if num_rows <= 16 else (32 if num_rows <= 32 else 64)
-        block_n, num_warps = 64, 4
-    elif num_rows <= 512:
-        block_t, block_n, num_warps = 64, 128, 4
     else:  # prefill-shaped: big row tiles, each A/B tile reused by many rows
-        block_t, block_n, num_warps = 128, 128, 8
+        block_t = 64
+    block_n, num_warps = 128, 4
     block_k = 64
     row_tiles = triton.cdiv(num_rows, block_t)
     # present entries per tile is data; estimate it from shapes: at most min(N, rows * M)
@@ -120,14 +118,18 @@ def _coef(idx, scale, n):
 
 
 @triton.jit
-def _shrink_tile(pid, x_ptr, a_ptr, h_ptr, index_ptr, scale_ptr,
+def _shrink_tile(pid, x_ptr, a_ptr, h_ptr, hp_ptr, group_ptr, index_ptr, scale_ptr,
                  T, M, D_IN, N, R,
                  stride_xt, stride_ak, stride_an, stride_ar, stride_it, stride_st,
-                 h_stride_ks, h_stride_t, h_stride_k, h_stride_n,
+                 hp_stride_ks, h_stride_t, h_stride_k, h_stride_n,
                  NUM_SLICES: tl.constexpr, K_SPLIT: tl.constexpr,
                  BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
                  BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    """Program ``pid`` -> (row tile, slice, entry, K chunk): write its coef-scaled partial."""
+    """Program ``pid`` -> (row tile, slice, entry, K chunk): ``h = coef * A x`` for its tile.
+
+    With ``K_SPLIT > 1`` each program writes a float32 partial; the last of a group to finish
+    (counted on ``group_ptr``, which it resets) sums the partials into ``h`` once.
+    """
     ks = pid % K_SPLIT
     n = (pid // K_SPLIT) % N
     k = (pid // (K_SPLIT * N)) % NUM_SLICES
@@ -150,17 +152,27 @@ def _shrink_tile(pid, x_ptr, a_ptr, h_ptr, index_ptr, scale_ptr,
                         mask=(rs[None, :] < R) & (cols[:, None] < k_hi), other=0.0)
             acc += _mma(x.to(a.dtype), a, DOT_PRECISION, DOT_UPCAST)
         acc = acc * coef[:, None]
-        h = (h_ptr + ks * h_stride_ks + rows[:, None] * h_stride_t + k * h_stride_k
-             + n * h_stride_n + rs[None, :])
-        tl.store(h, acc, mask=rows[:, None] < T)
+        h_off = rows[:, None] * h_stride_t + k * h_stride_k + n * h_stride_n + rs[None, :]
+        row_ok = rows[:, None] < T
+        if K_SPLIT == 1:
+            tl.store(h_ptr + h_off, acc, mask=row_ok)
+        else:
+            tl.store(hp_ptr + ks * hp_stride_ks + h_off, acc, mask=row_ok)
+            tl.debug_barrier()  # all of this program's stores precede its arrival
+            group = (pid // K_SPLIT).to(tl.int64)
+            if tl.atomic_add(group_ptr + group, 1, sem="acq_rel") == K_SPLIT - 1:
+                parts = tl.arange(0, K_SPLIT)[:, None, None] * hp_stride_ks + h_off[None, :, :]
+                partial = tl.load(hp_ptr + parts, mask=row_ok[None, :, :], other=0.0, cache_modifier=".cg")
+                tl.store(h_ptr + h_off, tl.sum(partial, axis=0), mask=row_ok)
+                tl.atomic_xchg(group_ptr + group, 0)
 
 
 @triton.jit
 def _expand_tile(pid, y_ptr, b_ptr, h_ptr, index_ptr, scale_ptr,
                  T, M, N, R, W0, W1, W2, W3,
                  stride_yt, stride_bn, stride_bo, stride_it, stride_st,
-                 h_stride_ks, h_stride_t, h_stride_k, h_stride_n,
-                 NUM_SLICES: tl.constexpr, K_SPLIT: tl.constexpr, COL_TILES: tl.constexpr,
+                 h_stride_t, h_stride_k, h_stride_n,
+                 NUM_SLICES: tl.constexpr, COL_TILES: tl.constexpr,
                  BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
                  BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     """Program ``pid`` -> (row tile, slice, column tile): ``y_tile += sum_n h_n @ B_n^T``.
@@ -182,11 +194,8 @@ def _expand_tile(pid, y_ptr, b_ptr, h_ptr, index_ptr, scale_ptr,
         for n in range(0, N):
             coef = _coef(idx, scale, n)
             present = tl.max(tl.abs(coef), axis=0) > 0  # masks below skip absent entries' loads
-            h_rows = h_ptr + rows[:, None] * h_stride_t + k * h_stride_k + n * h_stride_n + rs[None, :]
-            h_mask = tl.where(present, rows[:, None] < T, False)
-            h = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-            for ks in range(K_SPLIT):
-                h += tl.load(h_rows + ks * h_stride_ks, mask=h_mask, other=0.0, cache_modifier=".cg")
+            h = tl.load(h_ptr + rows[:, None] * h_stride_t + k * h_stride_k + n * h_stride_n + rs[None, :],
+                        mask=tl.where(present, rows[:, None] < T, False), other=0.0, cache_modifier=".cg")
             b = tl.load(b_ptr + tl.cast(n, tl.int64) * stride_bn + (offset + cols[None, :]) * stride_bo + rs[:, None],
                         mask=tl.where(present, col_ok[None, :] & (rs[:, None] < R), False), other=0.0)
             acc += _mma(h.to(b.dtype), b, DOT_PRECISION, DOT_UPCAST)
@@ -197,10 +206,10 @@ def _expand_tile(pid, y_ptr, b_ptr, h_ptr, index_ptr, scale_ptr,
 
 
 @triton.jit
-def _blend_kernel(y_ptr, x_ptr, a_ptr, b_ptr, h_ptr, index_ptr, scale_ptr, sync_ptr,
+def _blend_kernel(y_ptr, x_ptr, a_ptr, b_ptr, h_ptr, hp_ptr, index_ptr, scale_ptr, sync_ptr,
                   T, M, D_IN, N, R, W0, W1, W2, W3,
                   stride_yt, stride_xt, stride_ak, stride_an, stride_ar, stride_bn, stride_bo,
-                  stride_it, stride_st, h_stride_ks, h_stride_t, h_stride_k, h_stride_n,
+                  stride_it, stride_st, hp_stride_ks, h_stride_t, h_stride_k, h_stride_n,
                   NUM_SHRINK, NUM_EXPAND,
                   PHASE: tl.constexpr,  # 0: shrink and expand in one launch, 1: shrink, 2: expand
                   NUM_SLICES: tl.constexpr, K_SPLIT: tl.constexpr, COL_TILES: tl.constexpr,
@@ -211,12 +220,13 @@ def _blend_kernel(y_ptr, x_ptr, a_ptr, b_ptr, h_ptr, index_ptr, scale_ptr, sync_
     if PHASE == 2:
         pid += NUM_SHRINK
     if pid < NUM_SHRINK:
-        _shrink_tile(pid, x_ptr, a_ptr, h_ptr, index_ptr, scale_ptr, T, M, D_IN, N, R,
+        _shrink_tile(pid, x_ptr, a_ptr, h_ptr, hp_ptr, sync_ptr + 2, index_ptr, scale_ptr, T, M, D_IN, N, R,
                      stride_xt, stride_ak, stride_an, stride_ar, stride_it, stride_st,
-                     h_stride_ks, h_stride_t, h_stride_k, h_stride_n,
+                     hp_stride_ks, h_stride_t, h_stride_k, h_stride_n,
                      NUM_SLICES, K_SPLIT, BLOCK_T, BLOCK_M, BLOCK_R, BLOCK_K, DOT_PRECISION, DOT_UPCAST)
         if PHASE == 0:
-            tl.atomic_add(sync_ptr, 1, sem="release")  # publish this program's partials
+            tl.debug_barrier()
+            tl.atomic_add(sync_ptr, 1, sem="release")  # publish this program's results
     else:
         if PHASE == 0:
             while tl.atomic_add(sync_ptr, 0, sem="acquire") < NUM_SHRINK:
@@ -224,8 +234,8 @@ def _blend_kernel(y_ptr, x_ptr, a_ptr, b_ptr, h_ptr, index_ptr, scale_ptr, sync_
         _expand_tile(pid - NUM_SHRINK, y_ptr, b_ptr, h_ptr, index_ptr, scale_ptr,
                      T, M, N, R, W0, W1, W2, W3,
                      stride_yt, stride_bn, stride_bo, stride_it, stride_st,
-                     h_stride_ks, h_stride_t, h_stride_k, h_stride_n,
-                     NUM_SLICES, K_SPLIT, COL_TILES, BLOCK_T, BLOCK_M, BLOCK_R, BLOCK_N, DOT_PRECISION, DOT_UPCAST)
+                     h_stride_t, h_stride_k, h_stride_n,
+                     NUM_SLICES, COL_TILES, BLOCK_T, BLOCK_M, BLOCK_R, BLOCK_N, DOT_PRECISION, DOT_UPCAST)
         if PHASE == 0:
             # the last expand program to finish resets the counters for the next launch
             if tl.atomic_add(sync_ptr + 1, 1) == NUM_EXPAND - 1:
@@ -233,14 +243,18 @@ def _blend_kernel(y_ptr, x_ptr, a_ptr, b_ptr, h_ptr, index_ptr, scale_ptr, sync_
                 tl.atomic_xchg(sync_ptr, 0)
 
 
-_sync_buffers: dict[torch.device, torch.Tensor] = {}
+_counter_buffers: dict[torch.device, torch.Tensor] = {}
 
 
-def _sync_buffer(device: torch.device) -> torch.Tensor:
-    """Per-device ``int32[2]`` counters (producers done, consumers done); zero between launches."""
-    buf = _sync_buffers.get(device)
-    if buf is None:
-        buf = _sync_buffers[device] = torch.zeros(2, dtype=torch.int32, device=device)
+def _counters(device: torch.device, num_groups: int) -> torch.Tensor:
+    """Per-device int32 counters: producers done, consumers done, then one per K-split group.
+
+    The kernel returns every counter to zero, so the buffer is allocated (zeroed) once and only
+    grows when a larger shape is first seen (do that warm-up call before a CUDA-graph capture).
+    """
+    buf = _counter_buffers.get(device)
+    if buf is None or buf.numel() < num_groups + 2:
+        buf = _counter_buffers[device] = torch.zeros(num_groups + 2, dtype=torch.int32, device=device)
     return buf
 
 
@@ -249,17 +263,21 @@ def _launch_slices(y, x, lora_a, lora_b, av_index, av_scale, widths, cfg: BlendC
     num_slices, num_avs, rank, d_in = lora_a.shape
     num_rows, num_entries = av_index.shape
     block_r = max(16, triton.next_power_of_2(rank))
-    h = torch.empty((cfg.k_split, num_rows, num_slices, num_avs, block_r), dtype=torch.float32, device=y.device)
+    # h: coef-scaled shrink output in the weights' dtype (the expand's MMA input);
+    # hp: float32 K-split partials (only with k_split > 1)
+    h = torch.empty((num_rows, num_slices, num_avs, block_r), dtype=lora_b.dtype, device=y.device)
+    hp = torch.empty((cfg.k_split, *h.shape), dtype=torch.float32, device=y.device) if cfg.k_split > 1 else h
     row_tiles = triton.cdiv(num_rows, cfg.block_t)
     col_tiles = triton.cdiv(max(widths), cfg.block_n)
     num_shrink = row_tiles * num_slices * num_avs * cfg.k_split
     num_expand = row_tiles * num_slices * col_tiles
     w = list(widths) + [0] * (MAX_SLICES_PER_LAUNCH - len(widths))
-    args = (y, x, lora_a, lora_b, h, av_index, av_scale, _sync_buffer(y.device),
+    counters = _counters(y.device, row_tiles * num_slices * num_avs)
+    args = (y, x, lora_a, lora_b, h, hp, av_index, av_scale, counters,
             num_rows, num_entries, d_in, num_avs, rank, *w,
             y.stride(0), x.stride(0), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
             lora_b.stride(0), lora_b.stride(1), av_index.stride(0), av_scale.stride(0),
-            h.stride(0), h.stride(1), h.stride(2), h.stride(3), num_shrink, num_expand)
+            hp.stride(0) if cfg.k_split > 1 else 0, h.stride(0), h.stride(1), h.stride(2), num_shrink, num_expand)
     meta = dict(NUM_SLICES=num_slices, K_SPLIT=cfg.k_split, COL_TILES=col_tiles,
                 BLOCK_T=cfg.block_t, BLOCK_M=triton.next_power_of_2(num_entries), BLOCK_R=block_r,
                 BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,

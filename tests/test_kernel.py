@@ -137,7 +137,7 @@ def test_config_depends_on_shape_only():
     decode = blend_config(1, 4096, 3, 16, 4)
     prefill = blend_config(2048, 4096, 3, 16, 4)
     assert decode.block_t == 16 and decode.k_split > 1
-    assert prefill.block_t == 128 and prefill.k_split == 1
+    assert prefill.block_t == 64 and prefill.k_split == 1
 
 
 def test_repeated_launches_reuse_the_sync_counter():
@@ -147,6 +147,11 @@ def test_repeated_launches_reuse_the_sync_counter():
 
 
 # ---------------------------------------------------------------------------------------- GPU
+
+
+def _assert_close_bf16(got, expected):
+    # both sides round the float32 sum to bfloat16: allow one ulp of y (|y| < 8 here)
+    torch.testing.assert_close(got.float(), expected.float(), rtol=1e-2, atol=5e-2)
 
 
 def _llama_like(T=16, N=8, R=16, M=4, seed=0):
@@ -168,7 +173,7 @@ def test_op_dispatches_to_triton_on_cuda(monkeypatch):
     ops.blend_reference(expected, x, a, b, index, scale, slices)
     torch.ops.vllm_av.blend_(y, x, a, b, index, scale, slices)
     assert calls, "torch.ops.vllm_av.blend_ did not call blend_triton on CUDA"
-    torch.testing.assert_close(y.float(), expected.float(), rtol=1e-2, atol=1e-2)
+    _assert_close_bf16(y, expected)
 
 
 @gpu
@@ -186,7 +191,7 @@ def test_op_under_torch_compile_fullgraph():
         return y * 1
 
     out = step(y, x, index, scale)
-    torch.testing.assert_close(out.float(), expected.float(), rtol=1e-2, atol=1e-2)
+    _assert_close_bf16(out, expected)
 
 
 @gpu
@@ -212,4 +217,4 @@ def test_cuda_graph_replay_follows_new_indices():
         graph.replay()
         expected = y0.clone()
         ops.blend_reference(expected, x, a, b, index, scale, slices)
-        torch.testing.assert_close(y.float(), expected.float(), rtol=1e-2, atol=1e-2)
+        _assert_close_bf16(y, expected)
