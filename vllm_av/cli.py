@@ -100,6 +100,33 @@ def inspect_command(p: argparse.ArgumentParser) -> Runner:
     return run
 
 
+@subcommand("serve", "vLLM's OpenAI server with AVs: `vllm-av serve MODEL --av-path DIR [any vllm serve flag]`")
+def serve_command(p: argparse.ArgumentParser) -> Runner:
+    p.add_argument("vllm_args", nargs=argparse.REMAINDER, metavar="MODEL [FLAGS]",
+                   help="passed to `vllm serve` with --enable-av implied")
+
+    def run(args: argparse.Namespace) -> int:
+        from .serve import serve_main
+
+        return serve_main(args.vllm_args)
+
+    return run
+
+
+@subcommand("demo", "build the tiny demo model and AV library, serve it on CPU and query it with several mixes")
+def demo_command(p: argparse.ArgumentParser) -> Runner:
+    p.add_argument("--dir", default="demo", help="where the model and AVs are built (reused if present)")
+    p.add_argument("--prompt", default="medical: the patient", help="the prompt sent under every mix")
+    p.add_argument("--max-tokens", type=int, default=12, help="tokens generated per request")
+
+    def run(args: argparse.Namespace) -> int:
+        from .demo import run_demo
+
+        return run_demo(args.dir, args.prompt, args.max_tokens)
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``vllm-av`` parser with every registered subcommand."""
     parser = argparse.ArgumentParser(prog="vllm-av", description="Alignment Vectors for vLLM")

@@ -92,6 +92,7 @@ def _install_cli_args() -> None:
                 "max_rank": args.av_max_rank,
             }
             result.additional_config = {**(result.additional_config or {}), CONFIG_KEY: settings}
+            _validate_before_start(settings, getattr(args, "model", None))
         elif getattr(args, "av_path", None):
             raise SystemExit("vllm-av: error: --av-path needs --enable-av")
         return result
@@ -99,6 +100,17 @@ def _install_cli_args() -> None:
     engine_args.add_cli_args = staticmethod(add_cli_args)
     engine_args.from_cli_args = classmethod(from_cli_args)
     engine_args._vllm_av_cli = True
+
+
+def _validate_before_start(settings: dict, model: str | None) -> None:
+    """Fail a CLI start with one line naming the bad file, before any engine process starts."""
+    from vllm_av.config import AVConfigError
+    from vllm_av.library import AVLibraryError
+
+    try:
+        library_for(AVConfig.from_dict(settings), local_model_dir(model or ""))
+    except (AVConfigError, AVLibraryError) as exc:
+        raise SystemExit(f"vllm-av: error: {exc}") from None
 
 
 def _install_engine_config_hook() -> None:

@@ -1,0 +1,203 @@
+"""The OpenAI server: ``vllm-av serve`` on 127.0.0.1 with a real OpenAI client.
+
+Concurrent requests with different mixes (and a regular LoRA) must each equal the
+merged-weights oracle; bad mixes get HTTP 400 naming the problem and the server keeps serving;
+``GET /v1/av`` lists the library; a bad library stops the start with one line naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+
+from vllm_av.testing import build_demo, merged_model
+
+pytestmark = pytest.mark.vllm
+
+VLLM_AV = str(Path(sys.executable).parent / "vllm-av")
+MAX_TOKENS = 8
+SERVER_FLAGS = ["--dtype", "float32", "--max-model-len", "512", "--gpu-memory-utilization", "0.4", "--enforce-eager"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return build_demo(tmp_path_factory.mktemp("demo"))
+
+
+@pytest.fixture(scope="module")
+def server(demo, tmp_path_factory):
+    model, library = demo
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    command = [
+        VLLM_AV, "serve", str(model), "--av-path", str(library), "--av-max-per-request", "3",
+        "--av-max-abs-scale", "3", "--host", "127.0.0.1", "--port", str(port),
+        "--enable-lora", "--max-loras", "2", "--lora-modules", f"beta_lora={library / 'beta'}", *SERVER_FLAGS,
+    ]
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if process.poll() is not None:
+                pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail(f"server not ready in 240 s:\n{log.read_text()[-3000:]}")
+        yield url, str(model)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def oracle_tokens(demo, mix: dict, prompt_ids: list[int]) -> list[int]:
+    model_dir, library = demo
+    model = merged_model(model_dir, library, mix)
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def complete(url, model, prompt, av=None, **extra):
+    body = {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "return_token_ids": True}
+    if av is not None:
+        body["vllm_xargs"] = {"av": av}
+    body.update(extra)
+    return requests.post(f"{url}/v1/completions", json=body, timeout=60)
+
+
+def test_listing_endpoint(server):
+    url, _ = server
+    listing = requests.get(f"{url}/v1/av", timeout=10).json()
+    assert [av["name"] for av in listing["data"]] == ["alpha", "beta", "gamma"]
+    assert all(av["compatibility"] == "same_base" and av["rank"] == 4 for av in listing["data"])
+    assert listing["limits"]["max_per_request"] == 3 and listing["limits"]["max_abs_scale"] == 3.0
+
+
+def test_concurrent_mixed_requests_match_oracle(server, demo):
+    from openai import OpenAI
+
+    url, model = server
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    mixes = [None, "alpha:1", "alpha:0.8,beta:-0.5,gamma:1.7", "beta:2.5", " gamma : -1 ", "beta:1,alpha:0"] * 2
+    prompts = ["medical: the patient", "legal: the court said"]
+
+    def run(i):
+        extra = {"return_token_ids": True, **({"vllm_xargs": {"av": mixes[i]}} if mixes[i] else {})}
+        return client.completions.create(
+            model=model, prompt=prompts[i % 2], max_tokens=MAX_TOKENS, temperature=0, extra_body=extra
+        )
+
+    with ThreadPoolExecutor(len(mixes)) as pool:
+        responses = list(pool.map(run, range(len(mixes))))
+    prompt_ids = [tokenize(url, model, p) for p in prompts]
+    for i, response in enumerate(responses):
+        mix = {n.strip(): float(s) for n, s in (e.split(":") for e in mixes[i].split(","))} if mixes[i] else {}
+        got = response.choices[0].model_dump()["token_ids"]
+        assert got == oracle_tokens(demo, mix, prompt_ids[i % 2]), mixes[i]
+
+
+def tokenize(url, model, prompt):
+    return requests.post(f"{url}/tokenize", json={"model": model, "prompt": prompt}, timeout=10).json()["tokens"]
+
+
+def test_chat_completion_with_mix(server, demo):
+    from openai import OpenAI
+
+    url, model = server
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    messages = [{"role": "user", "content": "legal: the contract"}]
+
+    def chat(av):
+        extra = {"vllm_xargs": {"av": av}} if av else {}
+        reply = client.chat.completions.create(model=model, messages=messages, max_tokens=MAX_TOKENS, temperature=0, extra_body=extra)
+        return reply.choices[0].message.content
+
+    assert chat("alpha:1") == chat("alpha:1.0")
+    assert chat("alpha:1") != chat(None)
+
+
+def test_regular_lora_beside_av(server):
+    url, model = server
+    prompt = "legal: the court said"
+    as_lora = complete(url, "beta_lora", prompt).json()["choices"][0]["token_ids"]
+    as_av = complete(url, model, prompt, av="beta:1").json()["choices"][0]["token_ids"]
+    assert as_lora == as_av
+
+
+@pytest.mark.parametrize(
+    "av, message",
+    [
+        ("nope:1", "unknown av 'nope'"),
+        ("alpha=1", "must look like name:scale"),
+        ("alpha:nan", "not a number"),
+        ("alpha:inf", "not a number"),
+        ("alpha:1e400", "must be finite"),
+        ("alpha:3.5", "exceeds this server's limit"),
+        ("alpha:1,beta:1,gamma:1,alpha:1", "at most 3"),
+        ("alpha:1,alpha:2", "appears more than once"),
+        ("", "empty"),
+        (":1", "non-empty"),
+        (["alpha", 1], "must be [name, scale] pairs"),
+        (7, "must be a string like"),
+    ],
+)
+def test_bad_mix_is_http_400_and_server_keeps_serving(server, av, message):
+    url, model = server
+    for endpoint, body in [
+        ("completions", {"prompt": "hello"}),
+        ("chat/completions", {"messages": [{"role": "user", "content": "hello"}]}),
+    ]:
+        response = requests.post(
+            f"{url}/v1/{endpoint}",
+            json={"model": model, "max_tokens": 4, "vllm_xargs": {"av": av}, **body},
+            timeout=30,
+        )
+        assert response.status_code == 400, response.text
+        assert message in response.json()["error"]["message"]
+    assert complete(url, model, "hello", av="alpha:1").status_code == 200
+
+
+def test_bad_library_stops_start_with_one_line_naming_the_file(demo, tmp_path):
+    model, library = demo
+    bad = tmp_path / "lib"
+    bad.mkdir()
+    shutil.copytree(library / "alpha", bad / "alpha")
+    pickled = bad / "pickled"
+    pickled.mkdir()
+    (pickled / "adapter_config.json").write_text((library / "beta" / "adapter_config.json").read_text())
+    (pickled / "adapter_model.bin").write_bytes(b"not opened")
+    result = subprocess.run(
+        [VLLM_AV, "serve", str(model), "--av-path", str(bad), *SERVER_FLAGS],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f"vllm-av: error: {pickled / 'adapter_model.bin'}: pickle weights are refused; convert the adapter to adapter_model.safetensors"
