@@ -13,6 +13,16 @@ from vllm_av.testing import LINEAR_SUFFIXES, build_tiny_model, make_aligned_vari
 
 
 @pytest.fixture(scope="module")
+def torch_one_thread():
+    """Run a test module with one torch thread: on a small shared CPU, oversubscribed OpenMP
+    threads make the many small matrix ops of these tests up to 100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
 def tiny_pair(tmp_path_factory):
     """``(base, aligned)`` single-file tiny Llama checkpoints; aligned = base + rank-4 linear deltas
     (+ small dense deltas on the embedding and one norm, which LoRA cannot carry)."""
@@ -59,9 +69,9 @@ def reshard(src: Path, dst: Path, shards: int) -> Path:
     return dst
 
 
-def plant_deltas(base: Path, out: Path, *, decay: float = 0.6, max_rank: int = 8, zero=(), seed: int = 0) -> Path:
-    """``base`` + a delta with singular values ``decay**i`` (i < max_rank, module-dependent scale) on
-    every linear weight except the modules in ``zero``; the planted deltas are returned by ``planted``."""
+def plant_deltas(base: Path, out: Path, *, max_rank: int = 8, zero=(), seed: int = 0) -> Path:
+    """``base`` + a rank-``max_rank`` delta with singular values ``c·d**i`` (random c in [0.5, 1.5] and
+    decay d in [0.2, 0.9] per module) on every linear weight except the modules in ``zero``."""
     gen = torch.Generator().manual_seed(seed)
 
     def edit(tensors):
@@ -72,7 +82,8 @@ def plant_deltas(base: Path, out: Path, *, decay: float = 0.6, max_rank: int = 8
             k = min(max_rank, *w.shape)
             U = torch.linalg.qr(torch.randn(w.shape[0], k, generator=gen)).Q
             V = torch.linalg.qr(torch.randn(w.shape[1], k, generator=gen)).Q
-            s = decay ** torch.arange(k, dtype=torch.float32) * (0.5 + torch.rand(1, generator=gen))
+            c, d = 0.5 + torch.rand(1, generator=gen), 0.2 + 0.7 * torch.rand(1, generator=gen)
+            s = c * d ** torch.arange(k, dtype=torch.float32)
             tensors[name] = w + (U * s) @ V.T
 
     return copy_checkpoint(base, out, edit)

@@ -94,6 +94,7 @@ def extract(
             energies[n] = svd.frobenius_norm(delta) ** 2
         del delta
 
+    stats, energies = dict(sorted(stats.items())), dict(sorted(energies.items()))  # order-independent sums
     totals = _totals(stats, energies, modules)
     if totals.delta_energy == 0:
         raise AVError(f"base {base_ck.root} and aligned {aligned_ck.root} are identical: there is no delta")
@@ -114,8 +115,8 @@ def extract(
             "device": device,
             "svd": {"exact_max_dim": svd.EXACT_MAX_DIM, "oversample": svd.OVERSAMPLE, "power_iters": svd.POWER_ITERS},
         },
-        modules=dict(sorted(stats.items())),
-        dropped={n: e / totals.delta_energy for n, e in sorted(energies.items()) if n not in modules and e > 0},
+        modules=stats,
+        dropped={n: e / totals.delta_energy for n, e in energies.items() if n not in modules and e > 0},
         totals=totals,
     )
     _write_atomically(out, meta, factors)
