@@ -55,6 +55,8 @@ class AVConfig:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise AVConfigError(f"unknown av setting(s) {unknown}; known: {sorted(known)}")
+        if "path" not in raw:
+            raise AVConfigError("av.path must name the AV library directory")
         values = dict(raw)
         if "path" in values and isinstance(values["path"], str):
             values["path"] = os.path.abspath(os.path.expanduser(values["path"]))

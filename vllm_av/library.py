@@ -135,7 +135,10 @@ def _load_entry(directory: Path, config: AVConfig, model_shapes, model_dir: str 
     if meta and model_dir is not None:
         from vllm_av.avfile import check_compatibility
 
-        compatibility, reason = check_compatibility(meta, model_dir)
+        try:
+            compatibility, reason = check_compatibility(meta, model_dir)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _fail(directory / AV_JSON, f"malformed av.json ({type(exc).__name__}: {exc})") from None
         if compatibility == "incompatible":
             raise _fail(directory / AV_JSON, f"AV {name!r} is incompatible with the served model: {reason}")
     return AVEntry(

@@ -77,7 +77,7 @@ class AVWorkerState:
         self.config = config
         self.tables = tables
         self.name_to_index = {entry.name: i for i, entry in enumerate(entries)}
-        self._capacity = max(4 * max_live_mixes, 64)
+        self._capacity = max(4 * max_live_mixes, 64)  # > 2x the live requests: room after compaction
         self._reset_pool()
 
     def _reset_pool(self) -> None:
@@ -107,8 +107,6 @@ class AVWorkerState:
                 mix = parse_mix(spec, self.name_to_index, self.config)
             except MixError as exc:  # the frontend validates; reaching here is a bug
                 logger.error("vllm-av: request %s: %s; serving it without AV", req_id, exc)
-        if len(self._mix_row) > self._capacity:
-            self._compact(requests)
         row = self._row_for_mix(mix)
         self._req_row[req_id] = row
         return row
@@ -123,6 +121,8 @@ class AVWorkerState:
 
     def update(self, req_ids: Sequence[str], num_scheduled_tokens: np.ndarray, requests: dict) -> None:
         """Fill the tables for a batch: request ``req_ids[i]`` owns ``num_scheduled_tokens[i]`` rows."""
+        if len(self._mix_row) + len(req_ids) > self._capacity:
+            self._compact(requests)  # before any row is read: compaction renumbers rows
         get = self._req_row.get
         rows = np.fromiter(
             (r if (r := get(rid)) is not None else self._resolve(rid, requests) for rid in req_ids),

@@ -1,0 +1,98 @@
+"""Per-step AV tables: rows follow their request's mix, stale rows are cleared, nothing indexes with -1."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from vllm_av.config import AVConfig
+from vllm_av.library import AVEntry
+from vllm_av.worker import AVTables, AVWorkerState
+
+NAMES = ["a", "b", "c", "d"]
+
+
+def make_state(max_tokens=64, m=3, max_live=4):
+    entries = [AVEntry(name=n, path=f"/lib/{n}", rank=4, modules=()) for n in NAMES]
+    config = AVConfig(path="/lib", max_per_request=m)
+    return AVWorkerState(entries, config, AVTables(max_tokens, m, torch.device("cpu")), max_live)
+
+
+def requests(mixes, forms=None):
+    """Fake runner requests; ``forms`` optionally gives the wire form of a request's mix."""
+    forms = forms or {}
+    return {
+        rid: SimpleNamespace(
+            mix=mix,
+            sampling_params=SimpleNamespace(extra_args=None if mix is None else {"av": forms.get(rid, mix)}),
+        )
+        for rid, mix in mixes.items()
+    }
+
+
+def expected_rows(mix, m):
+    idx, scale = [-1] * m, [0.0] * m
+    for k, (name, s) in enumerate(sorted((mix or {}).items())):
+        idx[k], scale[k] = NAMES.index(name), s
+    return idx, scale
+
+
+def check(state, reqs, order, counts):
+    state.update(order, np.array(counts), reqs)
+    m = state.config.max_per_request
+    row = 0
+    for rid, n in zip(order, counts):
+        idx, scale = expected_rows(reqs[rid].mix, m)
+        for _ in range(n):
+            assert state.tables.index[row].tolist() == idx
+            assert state.tables.scale[row].tolist() == pytest.approx(scale)
+            row += 1
+    assert (state.tables.index[row:] == -1).all(), "rows past the batch must hold no entries"
+
+
+def test_rows_follow_requests_and_stale_rows_are_cleared():
+    state = make_state()
+    reqs = requests(
+        {"r1": {"a": 0.5}, "r2": None, "r3": {"b": 2.0, "c": -1.25}, "r4": {"a": -0.5, "d": 1.0}},
+        forms={"r3": [["c", -1.25], ["b", 2.0]], "r4": "d:1,a:-0.5"},
+    )
+    check(state, reqs, ["r1", "r2", "r3", "r4"], [5, 1, 7, 2])
+    check(state, reqs, ["r3", "r1"], [1, 1])  # a smaller decode step: rows 2.. must be cleared
+    check(state, reqs, ["r2"], [3])  # only plain rows: every row cleared
+    assert (state.tables.index == -1).all()
+
+
+def test_plain_batches_do_no_work():
+    state = make_state()
+    state.tables.index.fill_(7)  # poison: an update that writes would clear it
+    state.update(["x"], np.array([4]), requests({"x": None}))
+    assert (state.tables.index == 7).all()
+
+
+def test_many_requests_recycle_the_mix_pool():
+    state = make_state(max_live=1)  # pool capacity 64 distinct mixes
+    rng = np.random.default_rng(0)
+    live = {}
+    for step in range(300):
+        rid = f"req{step}"
+        live[rid] = {"a": float(rng.uniform(-2, 2)), "b": float(rng.uniform(-2, 2))}
+        if len(live) > 5:
+            live.pop(next(iter(live)))
+        reqs = requests(live)
+        order = list(live)
+        check(state, reqs, order, [2] * len(order))
+    assert len(state._mix_row) <= 64 + 2
+
+
+def test_invalid_mix_reaching_the_worker_is_served_plain():
+    state = make_state()
+    reqs = requests({"r": "zzz:1"})
+    state.update(["r"], np.array([2]), reqs)
+    assert (state.tables.index[:2] == -1).all()
+
+
+def test_table_overflow_is_an_error():
+    state = make_state(max_tokens=4)
+    with pytest.raises(ValueError, match="exceed the AV table size"):
+        state.update(["r"], np.array([5]), requests({"r": {"a": 1.0}}))
