@@ -113,6 +113,25 @@ def test_identical_checkpoints(tiny_pair, tmp_path, cli):
     assert msg == f"base {tiny_pair[0]} and aligned {tiny_pair[0]} are identical: there is no delta"
 
 
+def test_delta_only_outside_lora_modules(tiny_pair, tmp_path, cli, helpers):
+    def edit(t):
+        t["model.norm.weight"] += 0.5
+
+    aligned = helpers.copy_checkpoint(tiny_pair[0], tmp_path / "aligned", edit)
+    msg = expect_error(cli, tmp_path / "av", "--base", tiny_pair[0], "--aligned", aligned, "--rank", "2")
+    assert msg == "no LoRA target module has a delta: everything that changed (norms, embeddings...) cannot be served as LoRA"
+
+
+def test_factors_overflowing_float16(tiny_pair, tmp_path, cli, helpers):
+    def edit(t):
+        t[Q0] += 1e10  # rank-1 delta, S = 64e10: the entries of B and A are √S/8 = 1e5 > float16 max
+
+    aligned = helpers.copy_checkpoint(tiny_pair[0], tmp_path / "aligned", edit)
+    args = ("--base", tiny_pair[0], "--aligned", aligned, "--rank", "1", "--dtype", "float16")
+    msg = expect_error(cli, tmp_path / "av", *args)
+    assert msg == "factors of model.layers.0.self_attn.q_proj overflow float16; use --dtype float32 or bfloat16"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error when CUDA is missing")
 def test_cuda_unavailable(tmp_path, cli, pair_args):
     msg = expect_error(cli, tmp_path / "av", *pair_args, "--rank", "2", "--device", "cuda")

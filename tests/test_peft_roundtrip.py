@@ -84,3 +84,25 @@ def test_peft_merge_and_unload_reproduces_the_factors(tiny_pair, tmp_path):
     for module, (A, B) in read_factors(tmp_path / "av").items():
         delta = params[module + ".weight"].detach() - base_params[module + ".weight"].detach()
         torch.testing.assert_close(delta, B @ A, atol=1e-6, rtol=1e-5)
+
+
+def test_fused_projections_are_one_module_each(tmp_path, ids, helpers):
+    """Checkpoints with fused qkv_proj / gate_up_proj (Phi-3) get one LoRA module per fused weight."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    config = Phi3Config(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    torch.manual_seed(0)
+    Phi3ForCausalLM(config).save_pretrained(tmp_path / "base")
+    gen = torch.Generator().manual_seed(1)
+
+    def edit(tensors):
+        for name, w in tensors.items():
+            if w.ndim == 2 and "embed" not in name and "lm_head" not in name:
+                tensors[name] = w + 0.1 * torch.randn(w.shape[0], 2, generator=gen) @ torch.randn(2, w.shape[1], generator=gen)
+
+    aligned = helpers.copy_checkpoint(tmp_path / "base", tmp_path / "aligned", edit)
+    extract(tmp_path / "base", aligned, tmp_path / "av", rank=2, progress=False)
+    assert {m.rsplit(".", 1)[-1] for m in read_av(tmp_path / "av").served_modules} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    merged, peft = merged_logits(tmp_path / "base", tmp_path / "av", ids), peft_logits(tmp_path / "base", tmp_path / "av", ids)
+    torch.testing.assert_close(peft, merged, atol=ATOL, rtol=RTOL)

@@ -26,6 +26,12 @@ def test_full_rank_reproduces_delta_to_float32_precision():
     assert lr.retained_energy == pytest.approx(1.0, abs=1e-6)
 
 
+def test_energy_one_is_full_reconstruction():
+    delta = torch.randn(40, 70, generator=torch.Generator().manual_seed(2))
+    lr = svd.compress(delta, energy=1.0)
+    assert lr.rank >= 39 and lr.rel_error < 2e-6
+
+
 def test_factors_are_balanced_square_roots():
     delta = matrix_with_spectrum(40, 30, [9.0, 4.0, 1.0])
     lr = svd.compress(delta, rank=3)

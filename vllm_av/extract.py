@@ -71,7 +71,6 @@ def extract(
             if rank > min(shape):
                 raise AVError(f"--rank {rank} is larger than tensor {n} {list(shape)} allows (min(out, in) = {min(shape)})")
 
-    save_dtype = getattr(torch, dtype)
     stats: dict[str, ModuleStats] = {}
     factors: dict = {}
     energies: dict[str, float] = {}
@@ -79,22 +78,15 @@ def extract(
     for n in tqdm(order, desc="vllm-av extract", unit="tensor", disable=not progress):
         delta = _delta(base_ck, aligned_ck, n, device)
         if n in modules:
-            lr = svd.compress(delta, rank=rank, energy=energy)
-            rel_error = lr.rel_error
-            if lr.rank:
-                A, B = lr.A.to("cpu", save_dtype), lr.B.to("cpu", save_dtype)
-                if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-                    raise AVError(f"factors of {modules[n]} overflow {dtype}; use --dtype float32 or bfloat16")
-                if save_dtype != torch.float32:
-                    rel_error = svd.relative_error(delta, B.to(delta.device), A.to(delta.device))
-                factors[modules[n]] = (A, B)
-            stats[modules[n]] = ModuleStats(tuple(delta.shape), lr.rank, lr.retained_energy, rel_error, lr.delta_norm, lr.method)
-            energies[n] = lr.delta_norm**2
+            module = modules[n]
+            stats[module], factors[module] = _compress_module(module, delta, rank, energy, dtype)
+            energies[n] = stats[module].delta_norm ** 2
         else:
             energies[n] = svd.frobenius_norm(delta) ** 2
         del delta
 
     stats, energies = dict(sorted(stats.items())), dict(sorted(energies.items()))  # order-independent sums
+    factors = {m: f for m, f in factors.items() if f is not None}
     totals = _totals(stats, energies, modules)
     if totals.delta_energy == 0:
         raise AVError(f"base {base_ck.root} and aligned {aligned_ck.root} are identical: there is no delta")
@@ -121,6 +113,23 @@ def extract(
     )
     _write_atomically(out, meta, factors)
     return meta
+
+
+def _compress_module(module: str, delta, rank, energy, dtype: str):
+    """``(ModuleStats, (A, B) on CPU in dtype, or None for a zero delta)``; the error is measured on the saved factors."""
+    import torch
+
+    lr = svd.compress(delta, rank=rank, energy=energy)
+    stats = ModuleStats(tuple(delta.shape), lr.rank, lr.retained_energy, lr.rel_error, lr.delta_norm, lr.method)
+    if lr.rank == 0:
+        return stats, None
+    save_dtype = getattr(torch, dtype)
+    A, B = lr.A.to("cpu", save_dtype), lr.B.to("cpu", save_dtype)
+    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        raise AVError(f"factors of {module} overflow {dtype}; use --dtype float32 or bfloat16")
+    if save_dtype != torch.float32:
+        stats.rel_error = svd.relative_error(delta, B.to(delta.device), A.to(delta.device))
+    return stats, (A, B)
 
 
 def _check_options(rank, energy, name, device, dtype) -> None:

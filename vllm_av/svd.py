@@ -60,7 +60,7 @@ def compress(delta: torch.Tensor, *, rank: int | None = None, energy: float | No
         method = "exact" if min(out_dim, in_dim) <= EXACT_MAX_DIM else "randomized"
     if method == "exact":
         U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-        r = rank if rank is not None else _energy_rank(S, energy * float(S.double().square().sum()))
+        r = rank if rank is not None else _energy_rank(S, energy)
     elif method == "randomized":
         U, S, Vh, r = _randomized_for(delta, rank, energy, total)
         if r is None:  # energy not reached by a sketch much smaller than the matrix
@@ -74,10 +74,10 @@ def compress(delta: torch.Tensor, *, rank: int | None = None, energy: float | No
     return LowRank(B, A, r, min(retained, 1.0), relative_error(delta, B, A, total), total**0.5, method)
 
 
-def _energy_rank(S: torch.Tensor, target: float) -> int | None:
-    """Smallest r with ΣS[:r]² >= target, or None if all of S falls short."""
+def _energy_rank(S: torch.Tensor, fraction: float, total: float | None = None) -> int | None:
+    """Smallest r with ΣS[:r]² >= fraction·total (total defaults to ΣS²), or None if S falls short."""
     cum = S.double().square().cumsum(0)
-    hits = torch.nonzero(cum >= target)
+    hits = torch.nonzero(cum >= fraction * (float(cum[-1]) if total is None else total))
     return int(hits[0]) + 1 if len(hits) else None
 
 
@@ -88,7 +88,7 @@ def _randomized_for(delta, rank, energy, total):
     k = ENERGY_START_RANK
     while k + OVERSAMPLE <= min(delta.shape) // 2:
         U, S, Vh = randomized_svd(delta, k)
-        r = _energy_rank(S, energy * total)
+        r = _energy_rank(S, energy, total)
         if r is not None:
             return U, S, Vh, r
         k *= 2
