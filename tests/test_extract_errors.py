@@ -155,3 +155,9 @@ def test_rank_and_energy_are_exclusive(tmp_path, cli, pair_args):
     with pytest.raises(SystemExit) as exc:
         cli("extract", "--out", tmp_path / "av", *pair_args, "--rank", "2", "--energy", "0.5")
     assert exc.value.code == 2
+
+
+def test_inspect_of_a_non_av_directory(tmp_path, cli):
+    code, out, err = cli("inspect", tmp_path)
+    assert (code, out) == (2, "")
+    assert err == f"vllm-av: error: {tmp_path}/av.json not found: not an AV directory (made by `vllm-av extract`)\n"
