@@ -14,24 +14,24 @@ small load of ``av_index`` and nothing else.  Work on a present entry is a dense
 GEMM on tensor cores over the whole tile, so rows that share an adapter share its A/B tiles
 (the grouping by adapter happens per tile, from the data, on the device).
 
-The launch has two kinds of programs, both in one 1-D grid:
+One kernel, two kinds of programs (1-D grid):
 
-* *shrink* programs ``(row tile, slice k, library entry n, K-split ks)`` write
-  ``h[ks, t, k, n, :] = coef[t, n] * A[k, n, :, K-chunk ks] @ x[t, K-chunk ks]`` to a small
-  float32 scratch buffer (split-K partials, no atomics);
-* *expand* programs ``(row tile, column tile, slice k)`` own a tile of ``y``: they sum the
-  partials of the present entries, multiply by ``B`` and add the result to ``y`` once, in
-  float32.
+* *shrink* programs ``(row tile, slice k, library entry n, K-split ks)`` compute
+  ``h[t, k, n, :] = coef[t, n] * A[k, n] @ x[t]`` into a small scratch buffer; with a K split
+  each writes a float32 partial and the last program of its group reduces them once;
+* *expand* programs ``(row tile, column tile, slice k)`` own a tile of ``y``: they multiply
+  the ``h`` of the present entries by ``B`` and add the result to ``y`` once, in float32.
 
-By default both kinds run in the same launch: shrink programs have the lower program ids, and
+By default they run as two launches of the same kernel (shrink, then expand).  With
+``two_launches=False`` they share one launch: shrink programs have the lower program ids and
 expand programs wait on a device counter until every shrink program has published its
-partials (CUDA dispatches blocks in id order, so the producers are always resident before
-any waiter).  The last expand program resets the counter, so the launch is self-contained
-and replays correctly inside a CUDA graph.  ``two_launches=True`` runs the same kernel as two
-launches (shrink, then expand) instead.
+result (CUDA dispatches blocks in id order, so producers are resident before any waiter);
+the last expand program resets the counter, so the launch is self-contained and replays
+correctly inside a CUDA graph.  On an H100 the spinning waiters cost more than the second
+launch saves (see benchmarks/RESULTS.md), hence the default.
 
 Shape-based configuration (:func:`blend_config`) selects the decode-shaped variant (few rows:
-16-row tiles, narrow column tiles, K split across many programs so that even one token
+16-row tiles, K split across many programs so that even one token
 spreads the adapter reads over the whole GPU) or the prefill-shaped one (thousands of rows:
 large row tiles so each A/B tile is reused by many rows, no K split).  Nothing depends on
 the values in ``av_index``/``av_scale`` on the host: no synchronisation, no ``.item()``, and
@@ -60,7 +60,7 @@ class BlendConfig:
     block_k: int  # input features per shrink step
     k_split: int  # shrink programs per (row tile, slice, entry) along the input dim
     num_warps: int
-    two_launches: bool = False
+    two_launches: bool = True  # False: shrink and expand in one launch with an in-kernel barrier
 
 
 def blend_config(num_rows: int, d_in: int, num_slices: int, num_avs: int, num_entries: int) -> BlendConfig:
