@@ -97,6 +97,25 @@ def test_served_mix_matches_merged_weights_oracle(llm, demo, mix):
         assert max(abs(a - b) for a, b in zip(logprobs, want_logprobs)) < LOGPROB_TOL
 
 
+def test_av_served_as_ordinary_lora_matches_oracle(llm, demo, tmp_path_factory):
+    """An extracted AV is a valid PEFT LoRA for stock vLLM, fixed rank and energy mode (rank_pattern) alike."""
+    from vllm.lora.request import LoRARequest
+
+    from vllm_av.extract import extract
+
+    model, library = demo
+    energy_lib = tmp_path_factory.mktemp("energy")
+    meta = extract(model, library.parent / "aligned" / "gamma", energy_lib / "gamma_e", energy=0.6, progress=False)
+    assert len({m.rank for m in meta.modules.values()}) > 1, "energy mode should pick several ranks"
+    for lora_id, (name, lib) in enumerate([("alpha", library), ("gamma_e", energy_lib)], start=2):
+        request = LoRARequest(name, lora_id, str(lib / name))
+        outputs = llm.generate(PROMPTS, params(), lora_request=request, use_tqdm=False)
+        for output, (want_tokens, want_logprobs) in zip(outputs, oracle((model, lib), {name: 1.0}, PROMPTS)):
+            tokens, logprobs = tokens_and_logprobs(output)
+            assert tokens == want_tokens
+            assert max(abs(a - b) for a, b in zip(logprobs, want_logprobs)) < LOGPROB_TOL
+
+
 def test_mix_changes_output(llm):
     """Guards the oracle test: the AVs are strong enough to change greedy tokens."""
     base, mixed = llm.generate(PROMPTS[:1] * 2, [params(), params({"alpha": 1.0})], use_tqdm=False)
