@@ -54,7 +54,12 @@ def extract_command(p: argparse.ArgumentParser) -> Runner:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     def run(args: argparse.Namespace) -> int:
-        from .extract import extract
+        try:
+            from .extract import extract
+        except ModuleNotFoundError as e:
+            if e.name != "torch":
+                raise
+            raise AVError("vllm-av extract needs torch: install vllm-av[cpu], vllm-av[gpu] or a torch build of your choice") from None
 
         meta = extract(
             args.base,
