@@ -1,6 +1,13 @@
-"""Shared fixtures for the extraction tests: tiny checkpoints and a CLI runner."""
+"""Test-wide settings and shared fixtures.
 
+vLLM on CPU needs a small KV cache and no network (set here, before any test imports vLLM; CI
+and the README's test command rely on it); `gpu`/`vllm`-marked tests are skipped, saying why,
+where there is no CUDA GPU / no vLLM. The extraction tests share tiny checkpoints and a CLI runner.
+"""
+
+import importlib.util
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -10,6 +17,24 @@ from safetensors.torch import load_file, save_file
 
 from vllm_av.cli import main
 from vllm_av.testing import LINEAR_SUFFIXES, build_tiny_model, make_aligned_variant
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip `gpu` tests without CUDA and `vllm` tests without vLLM, saying why."""
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    no_vllm = pytest.mark.skip(reason="needs vLLM (install vllm-av[cpu] or vllm-av[gpu])")
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
+        if "vllm" in item.keywords and not has_vllm:
+            item.add_marker(no_vllm)
 
 
 @pytest.fixture(scope="module")
