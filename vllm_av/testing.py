@@ -152,21 +152,6 @@ def make_aligned_variant(
 
 
 
-def _peft_scaling(adapter_config: dict, module: str) -> float:
-    """alpha/r of ``module`` under PEFT's rank_pattern/alpha_pattern suffix matching."""
-    import re
-
-    def pick(pattern: dict, default):
-        for key, value in (pattern or {}).items():
-            if re.match(rf"(.*\.)?{key}$", module):
-                return value
-        return default
-
-    rank = pick(adapter_config.get("rank_pattern"), adapter_config["r"])
-    alpha = pick(adapter_config.get("alpha_pattern"), adapter_config["lora_alpha"])
-    return alpha / rank
-
-
 def merged_model(base_dir: str | Path, library_dir: str | Path, mix: dict[str, float]):
     """The correctness oracle: transformers model with weights ``W + sum_k s_k * scaling_k * B_k A_k``.
 
@@ -175,6 +160,8 @@ def merged_model(base_dir: str | Path, library_dir: str | Path, mix: dict[str, f
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
+
+    from vllm_av.materialize import peft_scaling
 
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     weights = dict(model.named_parameters())
@@ -190,7 +177,7 @@ def merged_model(base_dir: str | Path, library_dir: str | Path, mix: dict[str, f
                 lora_b = tensors[key.replace(".lora_A.", ".lora_B.")]
                 delta = lora_b.double() @ lora_a.double()
                 weight = weights[module + ".weight"]
-                factor = scale * _peft_scaling(adapter_config, module)
+                factor = scale * peft_scaling(adapter_config, module)
                 weight.copy_((weight.double() + factor * delta).to(weight.dtype))
     return model.eval()
 
