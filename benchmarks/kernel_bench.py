@@ -4,15 +4,17 @@ Every variant runs the four linears of ``--layers`` decoder layers (distinct wei
 does not flatter anything), captured in one CUDA graph and timed by replay (median):
 
 * ``base``    the base GEMMs ``y = x W^T`` alone (the denominator);
-* ``trivial`` base + one trivial in-place pass over ``y`` per linear;
+* ``trivial`` base + one trivial in-place pass over ``y`` per linear, two ways: torch
+  ``y.mul_(1.0)`` (``trivial_torch``) and a vectorised Triton load/store of ``y`` in its own
+  dtype (``trivial_triton``); the faster one is the floor's trivial pass;
 * ``ours``    base + ``blend_triton`` per linear, default (shape-based) configuration;
-  ``ours_other``: the same tiles with the other launch mode (one launch with an in-kernel
-  barrier instead of two launches, or vice versa);
+  ``variant_<name>``: alternative configurations at the target points (``VARIANTS``);
+  ``prev``: an earlier kernel module given by ``--prev`` (same API), for before/after;
 * ``dense``   baseline (a): plain torch, ``x A_all^T``, row scale by the mix coefficients, ``B_all^T``;
 * ``seglora`` baseline (b): one LoRA per distinct mix, materialised by rank concatenation
   (scales folded into B), run as a segmented LoRA GEMM (torch ``bmm`` over equal segments).
 
-``sep_floor = trivial/base + adapter bytes touched / (bandwidth * base)``, with the bandwidth
+``sep_floor = min(trivial)/base + adapter bytes touched / (bandwidth * base)``, with the bandwidth
 measured in the same run by a large device copy.  Correctness of the kernel against the torch
 reference is checked on the benchmark shapes before anything is timed.
 
@@ -41,6 +43,11 @@ LINEARS = {  # name: (in, out slices)
     "down": (INTER, [HIDDEN]),
 }
 TARGET = dict(N=16, K=4, r=16)
+VARIANTS = {  # name: BlendConfig -> BlendConfig, timed at the target points only
+    "ks_quarter": lambda c: dataclasses.replace(c, k_split=max(1, c.k_split // 4)),
+    "ks_16th": lambda c: dataclasses.replace(c, k_split=max(1, c.k_split // 16)),
+    "group_quarter": lambda c: dataclasses.replace(c, group=max(1, c.group // 4), k_split=max(1, c.k_split // 4)),
+}
 
 
 def points(quick: bool):
@@ -101,6 +108,22 @@ def _graph_time(fn, reps: int, torch) -> float:
     return statistics.median(times)
 
 
+def _inplace_pass(torch):
+    """A vectorised in-place Triton pass over a contiguous tensor (load and store, own dtype)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def touch(ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(ptr + offs, tl.load(ptr + offs, mask=offs < n), mask=offs < n)
+
+    def run(y):
+        n = y.numel()
+        touch[(triton.cdiv(n, 4096),)](y, n, BLOCK=4096, num_warps=4)
+    return run
+
+
 def _copy_bandwidth(torch) -> float:
     """Bytes/s of a 2 GiB device-to-device copy (read + write counted)."""
     src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
@@ -143,6 +166,8 @@ def run_gpu(args) -> dict:
 
     ensure_kernels_importable()
     from vllm_av.kernels.blend import blend_config, blend_triton
+    prev = _load_prev(args.prev) if args.prev else None
+    touch = _inplace_pass(torch)
     from vllm_av.ops import blend_reference
 
     torch.manual_seed(0)
@@ -193,24 +218,27 @@ def run_gpu(args) -> dict:
                 for name in LINEARS:
                     torch.mm(xs[name], weights[l][name].t(), out=ys[name])
 
-        def trivial():
-            for l in range(layers):
-                for name in LINEARS:
-                    torch.mm(xs[name], weights[l][name].t(), out=ys[name])
-                    ys[name].mul_(1.0)
+        def trivial(pass_over_y):
+            def fn():
+                for l in range(layers):
+                    for name in LINEARS:
+                        torch.mm(xs[name], weights[l][name].t(), out=ys[name])
+                        pass_over_y(ys[name])
+            return fn
 
-        def ours(flip_launch_mode=False):
+        def ours(variant=None, module=None):
             configs = {}
             for n, (d_in, s) in LINEARS.items():
-                cfg = blend_config(T, d_in, len(s), N, K)
-                configs[n] = dataclasses.replace(cfg, two_launches=cfg.two_launches != flip_launch_mode)
+                cfg = blend_config(T, d_in, len(s), N, K, r)
+                configs[n] = VARIANTS[variant](cfg) if variant else cfg
+            blend = module.blend_triton if module else blend_triton
 
             def fn():
                 for l in range(layers):
                     for name, (_, slices) in LINEARS.items():
                         torch.mm(xs[name], weights[l][name].t(), out=ys[name])
-                        blend_triton(ys[name], xs[name], lib.a[l][name], lib.b[l][name], index, scale, slices,
-                                     config=configs[name])
+                        blend(ys[name], xs[name], lib.a[l][name], lib.b[l][name], index, scale, slices,
+                              config=None if module else configs[name])
             return fn
 
         # baseline (a): dense torch over the whole library, coefficients computed once per step
@@ -235,11 +263,17 @@ def run_gpu(args) -> dict:
 
         row = dict(T=T, N=N, K=K, r=r, mix=mix, layers=layers)
         row["base_ms"] = _graph_time(base, args.reps, torch)
-        row["trivial_ms"] = _graph_time(trivial, args.reps, torch)
+        row["trivial_torch_ms"] = _graph_time(trivial(lambda y: y.mul_(1.0)), args.reps, torch)
+        row["trivial_triton_ms"] = _graph_time(trivial(touch), args.reps, torch)
+        row["trivial_ms"] = min(row["trivial_torch_ms"], row["trivial_triton_ms"])
         row["ours_ms"] = _graph_time(ours(), args.reps, torch)
-        if T <= 256:
-            row["ours_other_ms"] = _graph_time(ours(flip_launch_mode=True), args.reps, torch)
-        row["config_qkv"] = blend_config(T, HIDDEN, 3, N, K).__dict__
+        if (N, K, r) == (TARGET["N"], TARGET["K"], TARGET["r"]) and not args.no_variants:
+            for name, change in VARIANTS.items():
+                if any(change(c) != c for c in (blend_config(T, d, len(s), N, K, r) for d, s in LINEARS.values())):
+                    row[f"variant_{name}_ms"] = _graph_time(ours(variant=name), args.reps, torch)
+        if prev is not None:
+            row["prev_ms"] = _graph_time(ours(module=prev), args.reps, torch)
+        row["config_qkv"] = blend_config(T, HIDDEN, 3, N, K, r).__dict__
         dense_flops = 2 * T * N * r * sum(len(s) * d + sum(s) for d, s in LINEARS.values()) * layers
         if dense_flops < 5e12:
             row["dense_ms"] = _graph_time(dense, args.reps, torch)
@@ -287,9 +321,8 @@ def run_gpu(args) -> dict:
         row["adapters_touched"] = used
         row["adapter_bytes"] = adapter_bytes
         row["sep_floor"] = row["trivial_ms"] / base + adapter_bytes / (bandwidth * base * 1e-3)
-        for key in ("trivial", "ours", "ours_other", "dense", "seglora"):
-            if f"{key}_ms" in row:
-                row[f"{key}/base"] = row[f"{key}_ms"] / base
+        for key in [k[:-3] for k in list(row) if k.endswith("_ms") and k != "base_ms"]:
+            row[f"{key}/base"] = row[f"{key}_ms"] / base
         results.append(row)
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
                           if k != "config_qkv"}), f"[{time.time() - t0:.0f}s]", flush=True)
@@ -311,21 +344,21 @@ def _fmt(v, nd=3):
 def report(path: Path) -> str:
     """Markdown table for a result JSON; also writes ``<json stem>.png`` (overhead vs T)."""
     data = json.loads(path.read_text())
-    two = data["results"][0]["config_qkv"]["two_launches"]
     lines = [
         f"Device **{data['device']}**, date {data['date']}, commit `{data['commit']}`, torch {data['torch']}, "
         f"triton {data['triton']}; {data['layers']} decoder layers in one CUDA graph, median of "
         f"{data['reps']} replays; copy bandwidth {data['bandwidth_Bps'] / 1e12:.2f} TB/s.",
         "",
-        f"| T | N | K | r | mix | base ms | ours ({'two launches' if two else 'one launch'})/base | sep_floor"
-        f" | trivial/base | ours {'one launch' if two else 'two launches'}/base | (a) dense/base | (b) seg-LoRA/base |",
-        "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| T | N | K | r | mix | base ms | ours/base | sep_floor | trivial torch/base | trivial triton/base"
+        " | prev/base | (a) dense/base | (b) seg-LoRA/base |",
+        "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in data["results"]:
         lines.append(
             f"| {r['T']} | {r['N']} | {r['K']} | {r['r']} | {r['mix']} | {r['base_ms']:.3f} | "
-            f"{_fmt(r.get('ours/base'))} | {_fmt(r['sep_floor'])} | {_fmt(r.get('trivial/base'))} | "
-            f"{_fmt(r.get('ours_other/base'))} | {_fmt(r.get('dense/base'))} | {_fmt(r.get('seglora/base'))} |")
+            f"{_fmt(r.get('ours/base'))} | {_fmt(r['sep_floor'])} | {_fmt(r.get('trivial_torch/base'))} | "
+            f"{_fmt(r.get('trivial_triton/base'))} | {_fmt(r.get('prev/base'))} | {_fmt(r.get('dense/base'))} | "
+            f"{_fmt(r.get('seglora/base'))} |")
     _plot(data, path.with_suffix(".png"))
     return "\n".join(lines)
 
@@ -369,6 +402,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--quick", action="store_true", help="target points only")
     p.add_argument("--budget-s", type=float, default=420, help="stop the sweep after this long")
+    p.add_argument("--prev", type=Path, help="an earlier kernels/blend.py to time as 'prev'")
+    p.add_argument("--no-variants", action="store_true", help="skip the alternative configurations")
     p.add_argument("--date", default=datetime.date.today().isoformat())
     p.add_argument("--commit", default=None)
     args = p.parse_args()
@@ -381,6 +416,16 @@ def main() -> None:
         except (OSError, subprocess.CalledProcessError):
             args.commit = os.environ.get("BENCH_COMMIT", "unknown")
     print(f"wrote {_write(args, run_gpu(args))}")
+
+
+def _load_prev(path: Path):
+    """Import an earlier blend module (same ``blend_triton`` API) under a private name."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_prev_blend", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _write(args, data) -> Path:
