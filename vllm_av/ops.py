@@ -9,7 +9,8 @@ Tensor layout (shared by every implementation):
 * ``y``         ``[T, sum(out_slices)]``, updated in place (row stride may exceed the width)
 * ``x``         ``[T, in]``
 * ``lora_a``    ``[S, N, R, in]``  -- one A per slice ``k`` and library entry ``i``
-* ``lora_b``    ``[N, sum(out_slices), R]`` -- the slices' B stacked along the output dim
+* ``lora_b``    ``[N, sum(out_slices), R]`` -- the slices' B stacked along the output dim (any
+  strides with unit stride along R; the plugin stores it physically as ``[OUT, N, R]`` on CPU)
 * ``av_index``  ``int32 [T, M]``
 * ``av_scale``  ``float32 [T, M]``
 * ``out_slices`` the output width of each of the ``S`` slices
@@ -42,30 +43,31 @@ def blend_reference(
     av_scale: torch.Tensor,
     out_slices: list[int],
 ) -> None:
-    """Dense torch implementation: all adapters for all rows, weighted by a per-row coefficient.
+    """Dense torch implementation: every AV for every row, weighted by a per-row coefficient.
 
-    Never indexes with -1: unused entries get coefficient 0 through a mask.
+    A handful of ops per call whatever the batch holds (no data-dependent shapes). Never indexes
+    with -1: unused entries get coefficient 0. Fastest when ``lora_b`` is physically
+    ``[OUT, N, R]`` (a permuted view), so each slice of B is a free reshape.
     """
-    num_slices, num_avs, rank, _ = lora_a.shape
-    if y.shape[0] == 0:
+    num_slices, num_avs, rank, d_in = lora_a.shape
+    rows = y.shape[0]
+    if rows == 0:
         return
     valid = av_index >= 0
-    # coef[t, n] = sum of the scales row t gives library entry n
-    one_hot = torch.nn.functional.one_hot(
-        torch.where(valid, av_index, 0).long(), num_avs
-    ).to(torch.float32)
-    coef = (one_hot * torch.where(valid, av_scale, 0.0).unsqueeze(-1)).sum(dim=1)  # [T, N]
-    coef_r = coef.repeat_interleave(rank, dim=1)  # [T, N*R]
-    xf = x.to(torch.float32)
+    coef = torch.zeros(rows, num_avs, dtype=torch.float32, device=y.device)
+    coef.scatter_add_(1, torch.where(valid, av_index, 0).long(), torch.where(valid, av_scale, 0.0))
+    a_all = lora_a.reshape(num_slices * num_avs * rank, d_in).to(torch.float32)
+    h = (x.to(torch.float32) @ a_all.t()).view(rows, num_slices, num_avs, rank) * coef.view(rows, 1, num_avs, 1)
+    b_by_out = lora_b.permute(1, 0, 2)  # [OUT, N, R]
     offset = 0
     for k, width in enumerate(out_slices):
-        a_k = lora_a[k].reshape(num_avs * rank, -1).to(torch.float32)  # [N*R, in]
-        b_k = lora_b[:, offset : offset + width, :].to(torch.float32)  # [N, width, R]
-        b_k = b_k.permute(1, 0, 2).reshape(width, num_avs * rank)  # [width, N*R]
-        h = (xf @ a_k.t()) * coef_r
-        delta = h @ b_k.t()
+        b_k = b_by_out[offset : offset + width].reshape(width, num_avs * rank).to(torch.float32)
+        delta = h[:, k].reshape(rows, num_avs * rank) @ b_k.t()
         y_k = y[:, offset : offset + width]
-        y_k.copy_((y_k.to(torch.float32) + delta).to(y.dtype))
+        if y.dtype == torch.float32:
+            y_k.add_(delta)
+        else:  # accumulate in float32, round once (as the kernel does)
+            y_k.copy_((y_k.to(torch.float32) + delta).to(y.dtype))
         offset += width
 
 

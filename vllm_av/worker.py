@@ -155,7 +155,10 @@ def attach_layer(layer, weights: list, tables: AVTables, rank: int) -> None:
     finally:
         layer.lora_a_stacked, layer.lora_b_stacked = saved
     layer._av_a = torch.stack([a[:, 0] for a in stacks_a]).contiguous()
-    layer._av_b = torch.cat([b[:, 0] for b in stacks_b], dim=1).contiguous()
+    lora_b = torch.cat([b[:, 0] for b in stacks_b], dim=1)  # [N, OUT, R], what the CUDA kernel reads best
+    if device.type == "cpu":  # the torch reference reads B per output slice: store it [OUT, N, R]
+        lora_b = lora_b.permute(1, 0, 2).contiguous().permute(1, 0, 2)
+    layer._av_b = lora_b
     layer._av_slices = [b.shape[2] for b in stacks_b]
     layer._av_tables = tables
 

@@ -1,0 +1,450 @@
+"""Serving benchmark: what does a per-user preference mix cost in throughput and latency?
+
+Workloads, all on the same synthetic prompts (fixed seed):
+
+* ``base``          no AV, on vanilla vLLM (no plugin, no LoRA)
+* ``av-distinct``   every request its own random mix of K AVs with random real scales
+* ``av-same``       every request the same mix
+* ``lora-per-mix``  what users do today: each distinct mix materialised offline as its own LoRA
+                    (rank concatenation, exact), served by vLLM's native multi-LoRA
+* ``prompt``        the preference written into the prompt instead (the AV paper's baseline)
+
+Online mode (default) drives OpenAI servers over streaming HTTP and reports, per workload,
+request/s, output tok/s, TTFT, TPOT and ITL at p50/p99 (the definitions of ``vllm bench
+serve``), errors and the exact server command lines. Workloads run in rounds, interleaved,
+and the medians over rounds are reported. It starts the servers itself on 127.0.0.1 and stops
+them by PID; with no ``--model`` it builds a tiny model and AV library (CPU demo).
+Offline mode (``--offline``) times ``LLM.generate`` on a fixed request list (peak throughput).
+
+    python benchmarks/serve_bench.py                       # tiny model, CPU, all workloads
+    python benchmarks/serve_bench.py --smoke               # a few requests per workload (CI)
+    python benchmarks/serve_bench.py --model meta-llama/Llama-3.1-8B-Instruct --av-path avs/ \\
+        --server-cmd "vllm serve" --num-requests 1000 --concurrency 64 --input-len 512 --output-len 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results"
+PREFERENCE_PROMPT = (
+    "You are answering for a user with these preferences: {desc}. Adjust your expertise, caution "
+    "and tone to match each preference in proportion to its weight. Question: "
+)
+WORDS = ("patient dose court contract market risk loan symptom evidence fund rate treatment plan "
+         "judge tax bond heart interest fever invest").split()
+
+
+# --------------------------------------------------------------------------- workloads
+
+
+@dataclass
+class Workload:
+    name: str
+    server: str  # which server runs it: vanilla | av | lora
+    requests: list[dict] = field(default_factory=list)  # request bodies (without model/stream)
+
+
+def make_prompts(n: int, input_len: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(input_len)) for _ in range(n)]
+
+
+def random_mix(rng: random.Random, names: list[str], k: int, max_abs: float) -> dict[str, float]:
+    return {name: round(rng.uniform(-max_abs, max_abs), 4) for name in rng.sample(names, min(k, len(names)))}
+
+
+def mix_text(mix: dict[str, float]) -> str:
+    return ",".join(f"{n}:{s}" for n, s in mix.items())
+
+
+def build_workloads(args, names: list[str], lora_mixes: list[dict]) -> list[Workload]:
+    rng = random.Random(args.seed)
+    prompts = make_prompts(args.num_requests, args.input_len, args.seed)
+    common = {"max_tokens": args.output_len, "ignore_eos": True, "temperature": 0}
+    same = random_mix(rng, names, args.k, args.max_abs_scale)
+    distinct = [random_mix(rng, names, args.k, args.max_abs_scale) for _ in prompts]
+    workloads = [
+        Workload("base", "vanilla", [{"prompt": p, **common} for p in prompts]),
+        Workload("av-distinct", "av", [{"prompt": p, "vllm_xargs": {"av": mix_text(m)}, **common}
+                                       for p, m in zip(prompts, distinct)]),
+        Workload("av-same", "av", [{"prompt": p, "vllm_xargs": {"av": mix_text(same)}, **common} for p in prompts]),
+        Workload("lora-per-mix", "lora", [{"prompt": p, "model": f"mix{i % len(lora_mixes)}", **common}
+                                          for i, p in enumerate(prompts)]),
+        Workload("prompt", "vanilla", [{"prompt": PREFERENCE_PROMPT.format(desc=mix_text(m)) + p, **common}
+                                       for p, m in zip(prompts, distinct)]),
+    ]
+    return [w for w in workloads if w.name in args.workloads]
+
+
+# --------------------------------------------------------------------------- servers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    name: str
+    command: list[str]
+    url: str = ""
+    process: subprocess.Popen | None = None
+    start_s: float = 0.0
+
+    def start(self, log_dir: Path) -> None:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.command = [*self.command, "--host", "127.0.0.1", "--port", str(port)]
+        log = open(log_dir / f"server_{self.name}.log", "w")
+        t0 = time.time()
+        self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self._wait_ready(log.name)
+        self.start_s = time.time() - t0
+
+    def _wait_ready(self, log: str, timeout: float = 600) -> None:
+        import urllib.error
+        import urllib.request
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server {self.name} exited ({self.process.returncode}); see {log}")
+            try:
+                urllib.request.urlopen(f"{self.url}/health", timeout=2)
+                return
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(1)
+        raise RuntimeError(f"server {self.name} not ready in {timeout:.0f} s; see {log}")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+
+
+def server_commands(args, library: Path, lora_dir: Path, n_mixes: int, lora_rank: int) -> dict[str, list[str]]:
+    vanilla = shlex.split(args.server_cmd) + [args.model] + shlex.split(args.server_args)
+    av = [*vanilla, "--enable-av", "--av-path", str(library), "--av-max-abs-scale", str(args.max_abs_scale)]
+    max_loras = min(args.max_loras, n_mixes)
+    lora = [*vanilla, "--enable-lora", "--max-loras", str(max_loras), "--max-cpu-loras", str(n_mixes),
+            "--max-lora-rank", str(lora_rank), "--lora-modules",
+            *[f"mix{i}={lora_dir / f'mix{i}'}" for i in range(n_mixes)]]
+    return {"vanilla": vanilla, "av": av, "lora": lora}
+
+
+# --------------------------------------------------------------------------- client
+
+
+async def stream_one(session, url: str, body: dict) -> dict:
+    """One streaming completion; timestamps of every chunk that carries text."""
+    t0 = time.perf_counter()
+    stamps, tokens, prompt_tokens, error = [], 0, 0, None
+    try:
+        async with session.post(f"{url}/v1/completions", json=body) as response:
+            if response.status != 200:
+                return {"error": f"HTTP {response.status}: {(await response.text())[:200]}"}
+            async for raw in response.content:
+                line = raw.decode().strip()
+                if not line.startswith("data:") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[5:])
+                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    stamps.append(time.perf_counter() - t0)
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                    prompt_tokens = chunk["usage"]["prompt_tokens"]
+    except Exception as exc:  # reported per request, counted as an error
+        error = f"{type(exc).__name__}: {exc}"
+    if error or not stamps:
+        return {"error": error or "no tokens"}
+    return {"latency": time.perf_counter() - t0, "stamps": stamps, "tokens": tokens, "prompt_tokens": prompt_tokens}
+
+
+async def run_workload(url: str, model: str, workload: Workload, concurrency: int, time_limit: float) -> dict:
+    import aiohttp
+
+    semaphore = asyncio.Semaphore(concurrency)
+    deadline = time.perf_counter() + time_limit
+
+    async def one(session, body):
+        async with semaphore:
+            if time.perf_counter() > deadline:
+                return {"error": "skipped: time limit"}
+            # lora-per-mix bodies name their adapter as the model
+            payload = {"model": model, **body, "stream": True, "stream_options": {"include_usage": True}}
+            return await stream_one(session, url, payload)
+
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(one(session, body) for body in workload.requests))
+        duration = time.perf_counter() - t0
+    return summarize(results, duration)
+
+
+def pct(values, q) -> float:
+    return float(np.percentile(values, q)) * 1000 if values else float("nan")
+
+
+def summarize(results: list[dict], duration: float) -> dict:
+    """vllm bench serve metrics: TTFT, TPOT = (latency - TTFT)/(tokens - 1), ITL = chunk gaps (ms)."""
+    ok = [r for r in results if "error" not in r]
+    ttft = [r["stamps"][0] for r in ok]
+    tpot = [(r["latency"] - r["stamps"][0]) / (r["tokens"] - 1) for r in ok if r["tokens"] > 1]
+    itl = [b - a for r in ok for a, b in zip(r["stamps"], r["stamps"][1:])]
+    errors = [r["error"] for r in results if "error" in r]
+    return {
+        "completed": len(ok),
+        "errors": len(errors),
+        "error_examples": sorted(set(errors))[:3],
+        "duration_s": duration,
+        "request_per_s": len(ok) / duration,
+        "output_tok_per_s": sum(r["tokens"] for r in ok) / duration,
+        "mean_prompt_tokens": statistics.mean(r["prompt_tokens"] for r in ok) if ok else float("nan"),
+        "ttft_ms_p50": pct(ttft, 50), "ttft_ms_p99": pct(ttft, 99),
+        "tpot_ms_p50": pct(tpot, 50), "tpot_ms_p99": pct(tpot, 99),
+        "itl_ms_p50": pct(itl, 50), "itl_ms_p99": pct(itl, 99),
+    }
+
+
+# --------------------------------------------------------------------------- offline
+
+
+def run_offline(args, library: Path, lora_dir: Path, workloads: list[Workload], n_mixes: int, lora_rank: int) -> dict:
+    """Peak throughput: ``LLM.generate`` over each workload's request list, one engine per server kind."""
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    engine_kwargs = json.loads(args.offline_engine_kwargs)
+    configs = {
+        "vanilla": {},
+        "av": {"additional_config": {"av": {"path": str(library), "max_abs_scale": args.max_abs_scale}}},
+        "lora": {"enable_lora": True, "max_loras": min(args.max_loras, n_mixes), "max_cpu_loras": n_mixes,
+                 "max_lora_rank": lora_rank},
+    }
+    out = {}
+    for kind, extra in configs.items():
+        mine = [w for w in workloads if w.server == kind]
+        if not mine:
+            continue
+        llm = LLM(args.model, **engine_kwargs, **extra)
+        for workload in mine:
+            params, loras = [], []
+            for body in workload.requests:
+                av = body.get("vllm_xargs", {}).get("av")
+                params.append(SamplingParams(max_tokens=body["max_tokens"], ignore_eos=True, temperature=0,
+                                             extra_args={"av": av} if av else None))
+                model = body.get("model")
+                loras.append(LoRARequest(model, int(model[3:]) + 1, str(lora_dir / model)) if model else None)
+            prompts = [body["prompt"] for body in workload.requests]
+            llm.generate(prompts[:4], params[:4], lora_request=loras[:4], use_tqdm=False)  # warm-up
+            t0 = time.perf_counter()
+            outputs = llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
+            duration = time.perf_counter() - t0
+            tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+            out[workload.name] = {"duration_s": duration, "request_per_s": len(outputs) / duration,
+                                  "output_tok_per_s": tokens / duration}
+        del llm
+    return out
+
+
+# --------------------------------------------------------------------------- setup and report
+
+
+def prepare(args, work: Path) -> tuple[Path, list[str], Path, list[dict], int, float]:
+    """The AV library (built if needed), its names, and the lora-per-mix adapters (timed)."""
+    from vllm_av.library import load_library
+    from vllm_av.config import AVConfig
+    from vllm_av.materialize import materialize_mix
+
+    if args.model is None:
+        args.model, args.av_path = build_tiny_setup(work / "tiny", args.num_avs)
+    library = Path(args.av_path)
+    entries = load_library(str(library), AVConfig(path=str(library)))
+    names = [Path(e.path).name for e in entries]
+    rng = random.Random(args.seed + 1)
+    mixes = [random_mix(rng, names, args.k, args.max_abs_scale) for _ in range(args.lora_mixes)]
+    lora_dir = work / "lora_per_mix"
+    t0 = time.time()
+    for i, mix in enumerate(mixes):
+        materialize_mix(library, mix, lora_dir / f"mix{i}")
+    build_s = time.time() - t0
+    rank_by_av = {Path(e.path).name: e.rank for e in entries}
+    lora_rank = max(sum(rank_by_av[n] for n in mix) for mix in mixes)
+    lora_rank = next(r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= lora_rank)
+    return library, names, lora_dir, mixes, lora_rank, build_s
+
+
+def build_tiny_setup(root: Path, num_avs: int) -> tuple[str, str]:
+    """Tiny random Llama + ``num_avs`` extracted AVs (rank 4) for the CPU demo run."""
+    from vllm_av.extract import extract
+    from vllm_av.testing import build_tiny_model, make_aligned_variant
+
+    model = root / "model"
+    if not (model / "config.json").is_file():
+        build_tiny_model(model)
+    for i in range(num_avs):
+        out = root / "avs" / f"av{i}"
+        if not (out / "av.json").is_file():
+            aligned = make_aligned_variant(model, root / "aligned" / f"av{i}", seed=100 + i)
+            extract(model, aligned, out, rank=4, force=True, progress=False)
+    return str(model), str(root / "avs")
+
+
+def markdown_table(online: dict, offline: dict) -> str:
+    lines = ["| workload | req/s | out tok/s | vs base | TTFT p50/p99 ms | TPOT p50/p99 ms | ITL p50/p99 ms | errors |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    base = online.get("base", {}).get("output_tok_per_s")
+    for name, r in online.items():
+        ratio = f"{r['output_tok_per_s'] / base:.3f}" if base else "n/a"
+        lines.append(f"| {name} | {r['request_per_s']:.2f} | {r['output_tok_per_s']:.1f} | {ratio} | "
+                     f"{r['ttft_ms_p50']:.1f} / {r['ttft_ms_p99']:.1f} | {r['tpot_ms_p50']:.2f} / {r['tpot_ms_p99']:.2f} | "
+                     f"{r['itl_ms_p50']:.2f} / {r['itl_ms_p99']:.2f} | {r['errors']} |")
+    if offline:
+        lines += ["", "| offline workload | req/s | out tok/s | vs base |", "|---|---:|---:|---:|"]
+        base = offline.get("base", {}).get("output_tok_per_s")
+        for name, r in offline.items():
+            ratio = f"{r['output_tok_per_s'] / base:.3f}" if base else "n/a"
+            lines.append(f"| {name} | {r['request_per_s']:.2f} | {r['output_tok_per_s']:.1f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def plot(online: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(online)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax1.bar(names, [online[n]["output_tok_per_s"] for n in names], color="tab:blue")
+    ax1.set_ylabel("output tokens / s")
+    ax1.set_title("throughput (higher is better)")
+    ax2.bar(names, [online[n]["tpot_ms_p99"] for n in names], color="tab:orange")
+    ax2.set_ylabel("ms")
+    ax2.set_title("p99 TPOT (lower is better)")
+    for ax in (ax1, ax2):
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def median_rounds(rounds: list[dict]) -> dict:
+    """Per metric, the median over rounds (errors are summed)."""
+    out = {}
+    for key in rounds[0]:
+        values = [r[key] for r in rounds]
+        if key in ("errors", "completed"):
+            out[key] = sum(values)
+        elif key == "error_examples":
+            out[key] = sorted({e for v in values for e in v})[:3]
+        else:
+            out[key] = statistics.median(values)
+    return out
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="model to serve (default: build a tiny CPU model + AV library)")
+    p.add_argument("--av-path", help="AV library (needed with --model)")
+    p.add_argument("--server-cmd", default=f"{sys.executable} -m vllm.entrypoints.openai.api_server --model",
+                   help="command that starts a vLLM OpenAI server for MODEL (GPU: 'vllm serve')")
+    p.add_argument("--server-args", default="--dtype float32 --max-model-len 1024 --enforce-eager "
+                   "--gpu-memory-utilization 0.4 --max-num-seqs 64", help="extra flags for every server")
+    p.add_argument("--workloads", nargs="+", default=["base", "av-distinct", "av-same", "lora-per-mix", "prompt"])
+    p.add_argument("--num-requests", type=int, default=256)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--input-len", type=int, default=32, help="prompt length in words")
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--k", type=int, default=4, help="AVs per request mix")
+    p.add_argument("--max-abs-scale", type=float, default=2.0)
+    p.add_argument("--num-avs", type=int, default=8, help="AVs in the built tiny library")
+    p.add_argument("--lora-mixes", type=int, default=64, help="distinct mixes materialised for lora-per-mix")
+    p.add_argument("--max-loras", type=int, default=8, help="vLLM --max-loras for lora-per-mix")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
+    p.add_argument("--time-limit", type=float, default=600, help="seconds per workload round")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--offline", action="store_true", help="also time LLM.generate (peak throughput)")
+    p.add_argument("--offline-engine-kwargs", default='{"dtype": "float32", "enforce_eager": true, '
+                   '"max_model_len": 1024, "gpu_memory_utilization": 0.4, "max_num_seqs": 64}')
+    p.add_argument("--smoke", action="store_true", help="a few requests per workload, one round (CI)")
+    p.add_argument("--work-dir", default=None, help="scratch directory (default: a temp dir)")
+    p.add_argument("--out", default=None, help="JSON result path (default: benchmarks/results/serve_bench_<date>.json)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.num_requests, args.rounds, args.lora_mixes, args.output_len, args.concurrency = 8, 1, 4, 8, 4
+    if (args.model is None) != (args.av_path is None):
+        p.error("--model and --av-path go together")
+    return args
+
+
+def main(argv=None) -> dict:
+    import tempfile
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    args = parse_args(argv)
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="serve_bench_"))
+    work.mkdir(parents=True, exist_ok=True)
+    library, names, lora_dir, lora_mixes, lora_rank, build_s = prepare(args, work)
+    workloads = build_workloads(args, names, lora_mixes)
+    commands = server_commands(args, library, lora_dir, len(lora_mixes), lora_rank)
+    needed = {w.server for w in workloads}
+    servers = {kind: Server(kind, commands[kind]) for kind in commands if kind in needed}
+    rounds: dict[str, list[dict]] = {w.name: [] for w in workloads}
+    try:
+        for server in servers.values():
+            server.start(work)
+        for _ in range(args.rounds):
+            for workload in workloads:
+                server = servers[workload.server]
+                result = asyncio.run(run_workload(server.url, args.model, workload, args.concurrency, args.time_limit))
+                rounds[workload.name].append(result)
+    finally:
+        for server in servers.values():
+            server.stop()
+    online = {name: median_rounds(rs) for name, rs in rounds.items()}
+    offline = run_offline(args, library, lora_dir, workloads, len(lora_mixes), lora_rank) if args.offline else {}
+    report = {
+        "meta": {"date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv), "argv": vars(args),
+                 "cpu_count": os.cpu_count(), "library": names, "lora_per_mix": {
+                     "mixes": len(lora_mixes), "rank": lora_rank, "build_s": build_s,
+                     "server_start_s": servers["lora"].start_s if "lora" in servers else None}},
+        "servers": {kind: {"command": s.command, "start_s": s.start_s} for kind, s in servers.items()},
+        "online": online, "online_rounds": rounds, "offline": offline,
+    }
+    out = Path(args.out) if args.out else RESULTS / f"serve_bench_{time.strftime('%Y-%m-%d')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str))
+    table = markdown_table(online, offline)
+    out.with_suffix(".md").write_text(table + "\n")
+    plot(online, out.with_suffix(".png"))
+    print(table)
+    print(f"\nlora-per-mix: {len(lora_mixes)} adapters of rank {lora_rank} built in {build_s:.1f} s; "
+          f"server start {report['meta']['lora_per_mix']['server_start_s']}")
+    print(f"results: {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
