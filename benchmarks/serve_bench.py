@@ -107,19 +107,25 @@ class Server:
     command: list[str]
     url: str = ""
     process: subprocess.Popen | None = None
-    start_s: float = 0.0
+    start_s: float = 0.0  # launch to ready (servers start side by side, so this includes contention)
+    log: Path | None = None
+    _t0: float = 0.0
 
-    def start(self, log_dir: Path) -> None:
+    def launch(self, log_dir: Path) -> None:
+        """Start the server process (returns at once; see :meth:`wait_ready`)."""
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.command = [*self.command, "--host", "127.0.0.1", "--port", str(port)]
-        log = open(log_dir / f"server_{self.name}.log", "w")
-        t0 = time.time()
-        self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self._wait_ready(log.name)
-        self.start_s = time.time() - t0
+        self.log = log_dir / f"server_{self.name}.log"
+        self._t0 = time.time()
+        with open(self.log, "w") as out:
+            self.process = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
-    def _wait_ready(self, log: str, timeout: float = 600) -> None:
+    def wait_ready(self, timeout: float = 600) -> None:
+        self._wait_ready(str(self.log), timeout)
+        self.start_s = time.time() - self._t0
+
+    def _wait_ready(self, log: str, timeout: float) -> None:
         import urllib.error
         import urllib.request
 
@@ -413,8 +419,13 @@ def main(argv=None) -> dict:
     servers = {kind: Server(kind, commands[kind]) for kind in commands if kind in needed}
     rounds: dict[str, list[dict]] = {w.name: [] for w in workloads}
     try:
+        for server in servers.values():  # started together: their start-up is mostly imports
+            server.launch(work)
         for server in servers.values():
-            server.start(work)
+            server.wait_ready()
+        for workload in workloads:  # warm-up, not recorded
+            warm = Workload(workload.name, workload.server, workload.requests[: min(8, args.concurrency)])
+            asyncio.run(run_workload(servers[workload.server].url, args.model, warm, args.concurrency, args.time_limit))
         for _ in range(args.rounds):
             for workload in workloads:
                 server = servers[workload.server]

@@ -1,0 +1,32 @@
+"""Smoke run of the serving benchmark: the harness works end to end and its numbers are well-formed."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.vllm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+def test_serve_bench_smoke(tmp_path):
+    import serve_bench
+
+    out = tmp_path / "smoke.json"
+    report = serve_bench.main(["--smoke", "--work-dir", str(tmp_path / "work"), "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["online"].keys() == {"base", "av-distinct", "av-same", "lora-per-mix", "prompt"}
+    for name, result in report["online"].items():
+        assert result["errors"] == 0, (name, result["error_examples"])
+        assert result["completed"] == 8
+        for key in ("request_per_s", "output_tok_per_s", "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99"):
+            assert math.isfinite(result[key]) and result[key] >= 0, (name, key)
+        assert result["ttft_ms_p99"] >= result["ttft_ms_p50"]
+    prompt, base = report["online"]["prompt"], report["online"]["base"]
+    assert prompt["mean_prompt_tokens"] > base["mean_prompt_tokens"], "the prompt baseline adds preference tokens"
+    assert report["meta"]["lora_per_mix"]["mixes"] == 4
+    assert out.with_suffix(".md").read_text().startswith("| workload |")
+    assert out.with_suffix(".png").stat().st_size > 1000
