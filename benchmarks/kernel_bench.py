@@ -44,9 +44,8 @@ LINEARS = {  # name: (in, out slices)
 }
 TARGET = dict(N=16, K=4, r=16)
 VARIANTS = {  # name: BlendConfig -> BlendConfig, timed at the target points only
+    "one_launch": lambda c: dataclasses.replace(c, two_launches=False),  # in-kernel barrier instead
     "ks_quarter": lambda c: dataclasses.replace(c, k_split=max(1, c.k_split // 4)),
-    "ks_16th": lambda c: dataclasses.replace(c, k_split=max(1, c.k_split // 16)),
-    "group_quarter": lambda c: dataclasses.replace(c, group=max(1, c.group // 4), k_split=max(1, c.k_split // 4)),
 }
 
 
@@ -229,7 +228,7 @@ def run_gpu(args) -> dict:
         def ours(variant=None, module=None):
             configs = {}
             for n, (d_in, s) in LINEARS.items():
-                cfg = blend_config(T, d_in, len(s), N, K, r)
+                cfg = blend_config(T, d_in, len(s), N, K)
                 configs[n] = VARIANTS[variant](cfg) if variant else cfg
             blend = module.blend_triton if module else blend_triton
 
@@ -269,11 +268,11 @@ def run_gpu(args) -> dict:
         row["ours_ms"] = _graph_time(ours(), args.reps, torch)
         if (N, K, r) == (TARGET["N"], TARGET["K"], TARGET["r"]) and not args.no_variants:
             for name, change in VARIANTS.items():
-                if any(change(c) != c for c in (blend_config(T, d, len(s), N, K, r) for d, s in LINEARS.values())):
+                if any(change(c) != c for c in (blend_config(T, d, len(s), N, K) for d, s in LINEARS.values())):
                     row[f"variant_{name}_ms"] = _graph_time(ours(variant=name), args.reps, torch)
         if prev is not None:
             row["prev_ms"] = _graph_time(ours(module=prev), args.reps, torch)
-        row["config_qkv"] = blend_config(T, HIDDEN, 3, N, K, r).__dict__
+        row["config_qkv"] = blend_config(T, HIDDEN, 3, N, K).__dict__
         dense_flops = 2 * T * N * r * sum(len(s) * d + sum(s) for d, s in LINEARS.values()) * layers
         if dense_flops < 5e12:
             row["dense_ms"] = _graph_time(dense, args.reps, torch)
@@ -341,16 +340,23 @@ def _fmt(v, nd=3):
     return "n/a" if v is None else f"{v:.{nd}f}"
 
 
-def report(path: Path) -> str:
-    """Markdown table for a result JSON; also writes ``<json stem>.png`` (overhead vs T)."""
+def report(path: Path, ours_key: str = "ours") -> str:
+    """Markdown table for a result JSON; also writes ``<json stem>.png`` (overhead vs T).
+
+    ``ours_key``: the column reported and plotted as ours (``prev`` when the kernel kept after a
+    run is the ``--prev`` one).
+    """
     data = json.loads(path.read_text())
+    for r in data["results"]:
+        r["ours/base"], r["prev/base"] = r.get(f"{ours_key}/base"), r.get("ours/base" if ours_key == "prev" else "prev/base")
     lines = [
         f"Device **{data['device']}**, date {data['date']}, commit `{data['commit']}`, torch {data['torch']}, "
         f"triton {data['triton']}; {data['layers']} decoder layers in one CUDA graph, median of "
         f"{data['reps']} replays; copy bandwidth {data['bandwidth_Bps'] / 1e12:.2f} TB/s.",
         "",
-        "| T | N | K | r | mix | base ms | ours/base | sep_floor | trivial torch/base | trivial triton/base"
-        " | prev/base | (a) dense/base | (b) seg-LoRA/base |",
+        f"| T | N | K | r | mix | base ms | {'prev (kept)' if ours_key == 'prev' else 'ours'}/base | sep_floor"
+        " | trivial torch/base | trivial triton/base"
+        f" | {'run ours, not kept' if ours_key == 'prev' else 'prev'}/base | (a) dense/base | (b) seg-LoRA/base |",
         "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in data["results"]:
@@ -403,12 +409,13 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="target points only")
     p.add_argument("--budget-s", type=float, default=420, help="stop the sweep after this long")
     p.add_argument("--prev", type=Path, help="an earlier kernels/blend.py to time as 'prev'")
+    p.add_argument("--ours-key", default="ours", help="with --report: the column to report as ours (ours|prev)")
     p.add_argument("--no-variants", action="store_true", help="skip the alternative configurations")
     p.add_argument("--date", default=datetime.date.today().isoformat())
     p.add_argument("--commit", default=None)
     args = p.parse_args()
     if args.report:
-        print(report(args.report))
+        print(report(args.report, args.ours_key))
         return
     if args.commit is None:
         try:
@@ -424,6 +431,7 @@ def _load_prev(path: Path):
 
     spec = importlib.util.spec_from_file_location("_prev_blend", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["_prev_blend"] = module  # dataclasses look the module up while it executes
     spec.loader.exec_module(module)
     return module
 

@@ -7,28 +7,35 @@ The op computes, for every token row ``t``::
 
 Design
 ------
-Rows are processed in tiles of ``BLOCK_T`` rows.  Each program first derives, from the tile's
-``av_index``/``av_scale`` and on the device, the tile's *present* library entries (those some
-row gives a non-zero scale) as a compact list: slot ``j`` holds the ``j``-th present entry in
-ascending order.  All work then runs over that list only, in *groups* of ``GROUP`` slots:
-the A rows (or B columns) of a group's entries are gathered into one operand of
-``GROUP * BLOCK_R`` columns, so one tensor-core MMA serves every entry of the group and every
-row of the tile (rows that share an adapter share its A/B tiles).  Absent entries cost
-nothing, and a tile whose rows are all ``-1`` / zero-scale costs one small load of
-``av_index``/``av_scale``.
+Rows are processed in tiles of ``BLOCK_T`` rows.  For one row tile, a library entry ``n`` is
+*present* when some row of the tile gives it a non-zero coefficient; everything about absent
+entries is skipped (no loads), so a tile whose rows are all ``-1`` / zero-scale costs one
+small load of ``av_index`` and nothing else.  Work on a present entry is a dense low-rank
+GEMM on tensor cores over the whole tile, so rows that share an adapter share its A/B tiles
+(the grouping by adapter happens per tile, from the data, on the device).
 
-Two launches per group of at most four output slices:
+One kernel, two kinds of programs (1-D grid):
 
-* *shrink* ``(row tile, slice k, slot group g, K chunk ks)``:
-  ``h[t, k, slots of g, :] = coef * (A[k, entries of g] @ x[t])`` in float32 over its K chunk.
-  With ``K_SPLIT == 1`` the program stores ``h``; with a K split (decode: few rows, so the
-  adapter reads are spread over many programs) it adds into a zeroed ``h`` atomically.
-* *expand* ``(row tile, slice k, column tile)``: ``y_tile += sum_g h[:, k, g] @ B[entries of g]``,
-  one read-modify-write of ``y`` in float32; rows without any active entry are not written.
+* *shrink* programs ``(row tile, slice k, library entry n, K-split ks)`` compute
+  ``h[t, k, n, :] = coef[t, n] * A[k, n] @ x[t]`` into a small scratch buffer; with a K split
+  each writes a float32 partial and the last program of its group reduces them once;
+* *expand* programs ``(row tile, column tile, slice k)`` own a tile of ``y``: they multiply
+  the ``h`` of the present entries by ``B`` and add the result to ``y`` once, in float32.
 
-:func:`blend_config` picks tile sizes and the K split from the shapes only, so nothing depends
-on the values in ``av_index``/``av_scale`` on the host: no synchronisation, no ``.item()``, and
-the grid is a function of the shapes only (CUDA-graph safe).
+By default they run as two launches of the same kernel (shrink, then expand).  With
+``two_launches=False`` they share one launch: shrink programs have the lower program ids and
+expand programs wait on a device counter until every shrink program has published its
+result (CUDA dispatches blocks in id order, so producers are resident before any waiter);
+the last expand program resets the counter, so the launch is self-contained and replays
+correctly inside a CUDA graph.  On an H100 the spinning waiters cost more than the second
+launch saves (see benchmarks/RESULTS.md), hence the default.
+
+Shape-based configuration (:func:`blend_config`) selects the decode-shaped variant (few rows:
+16-row tiles, K split across many programs so that even one token
+spreads the adapter reads over the whole GPU) or the prefill-shaped one (thousands of rows:
+large row tiles so each A/B tile is reused by many rows, no K split).  Nothing depends on
+the values in ``av_index``/``av_scale`` on the host: no synchronisation, no ``.item()``, and
+the grid is a function of the shapes only.
 """
 
 from __future__ import annotations
@@ -48,38 +55,28 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 class BlendConfig:
     """Tile sizes and launch shape for one call; derived from shapes only."""
 
-    block_t: int  # rows per tile (the present-entry list is per tile)
-    group: int  # present-entry slots per MMA group (group * BLOCK_R columns of h)
-    block_k: int  # input features per shrink step
-    k_split: int  # shrink programs per (row tile, slice, group) along the input dim
+    block_t: int  # rows per tile
     block_n: int  # output columns per expand program
-    num_warps: int = 4
+    block_k: int  # input features per shrink step
+    k_split: int  # shrink programs per (row tile, slice, entry) along the input dim
+    num_warps: int
+    two_launches: bool = True  # False: shrink and expand in one launch with an in-kernel barrier
 
 
-def _programs_wanted() -> int:
-    return 264  # two waves' worth of programs on an H100 (132 SMs)
-
-
-def blend_config(num_rows: int, d_in: int, num_slices: int, num_avs: int, num_entries: int,
-                 rank: int) -> BlendConfig:
-    """Choose tile sizes and the K split from the problem shape (never from the data)."""
-    block_t = 16 if num_rows <= 16 else (32 if num_rows <= 32 else 64)
-    block_r = triton.next_power_of_2(rank)
-    slots = _num_slots(num_rows, block_t, num_avs, num_entries)
-    group = max(triton.cdiv(16, block_r), min(triton.next_power_of_2(slots), max(1, 256 // block_r)))
+def blend_config(num_rows: int, d_in: int, num_slices: int, num_avs: int, num_entries: int) -> BlendConfig:
+    """Choose the decode- or prefill-shaped configuration from the problem shape."""
+    if num_rows <= 64:  # decode-shaped: few rows, spread the adapter reads across programs
+        block_t = 16 if num_rows <= 16 else (32 if num_rows <= 32 else 64)
+    else:  # prefill-shaped: big row tiles, each A/B tile reused by many rows
+        block_t = 64
+    block_n, num_warps = 128, 4
     block_k = 64
-    block_n = 128 if group * block_r <= 64 else 64
     row_tiles = triton.cdiv(num_rows, block_t)
-    # few rows (decode): split K so that the adapter reads spread over the whole GPU
-    wanted = triton.cdiv(_programs_wanted(), row_tiles * num_slices * triton.cdiv(slots, group))
-    k_split = min(triton.next_power_of_2(wanted), 64, triton.cdiv(d_in, block_k))
-    num_warps = 8 if block_t * group * block_r >= 8192 else 4  # keeps the [T, group * R] accumulator in registers
-    return BlendConfig(block_t, group, block_k, k_split, block_n, num_warps)
-
-
-def _num_slots(num_rows: int, block_t: int, num_avs: int, num_entries: int) -> int:
-    """Upper bound on the present entries of one row tile: ``min(N, rows per tile * M)``."""
-    return min(num_avs, min(num_rows, block_t) * num_entries)
+    # present entries per tile is data; estimate it from shapes: at most min(N, rows * M)
+    present_estimate = min(num_avs, num_rows * num_entries)
+    wanted = triton.cdiv(256, row_tiles * num_slices * max(present_estimate, 1))
+    k_split = min(triton.next_power_of_2(wanted), 16, max(1, triton.cdiv(d_in, block_k)))
+    return BlendConfig(block_t, block_n, block_k, k_split, num_warps)
 
 
 @triton.jit
@@ -93,55 +90,13 @@ def _slice_bounds(k, W0, W1, W2, W3):
 @triton.jit
 def _load_entries(index_ptr, scale_ptr, row0, T, M, stride_it, stride_st,
                   BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr):
-    """The tile's entries; ``-1`` (and scale 0) where unused, padded or zero-scale."""
+    """The tile's ``av_index`` (-1 where padded) and ``av_scale`` (0 where padded)."""
     rows = row0 + tl.arange(0, BLOCK_T)
     ms = tl.arange(0, BLOCK_M)
     mask = (rows[:, None] < T) & (ms[None, :] < M)
     idx = tl.load(index_ptr + rows[:, None] * stride_it + ms[None, :], mask=mask, other=-1)
     scale = tl.load(scale_ptr + rows[:, None] * stride_st + ms[None, :], mask=mask, other=0.0)
-    active = (idx >= 0) & (scale != 0.0)
-    return tl.where(active, idx, -1), tl.where(active, scale, 0.0)
-
-
-@triton.jit
-def _entry_column(values, m, BLOCK_M: tl.constexpr):
-    """Column ``m`` of a ``[BLOCK_T, BLOCK_M]`` tile."""
-    return tl.sum(tl.where(tl.arange(0, BLOCK_M)[None, :] == m, values, 0), axis=1)
-
-
-@triton.jit
-def _present_entries(idx, BLOCK_M: tl.constexpr, BLOCK_NN: tl.constexpr):
-    """``(present[n], slot[n], count)``: which entries the tile uses and their compact slots."""
-    ns = tl.arange(0, BLOCK_NN)
-    present = tl.zeros((BLOCK_NN,), dtype=tl.int32)
-    for m in tl.static_range(BLOCK_M):
-        col = _entry_column(idx, m, BLOCK_M)
-        present = tl.maximum(present, tl.max((col[:, None] == ns[None, :]).to(tl.int32), axis=0))
-    slot = tl.cumsum(present, axis=0) - 1
-    return present, slot, tl.sum(present, axis=0)
-
-
-@triton.jit
-def _group_columns(g, present, slot, count,
-                   GROUP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_NN: tl.constexpr):
-    """For the ``GROUP * BLOCK_R`` columns of slot group ``g``: library entry (-1 if none) and rank."""
-    q = tl.arange(0, GROUP * BLOCK_R)
-    slot_q = g * GROUP + q // BLOCK_R
-    match = (slot[None, :] == slot_q[:, None]) & (present[None, :] > 0)
-    entry = tl.sum(tl.where(match, tl.arange(0, BLOCK_NN)[None, :], 0), axis=1)
-    return tl.where(slot_q < count, entry, -1), q % BLOCK_R
-
-
-@triton.jit
-def _coef_columns(idx, scale, entry, BLOCK_T: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr):
-    """``coef[t, q] = sum_m scale[t, m] * (idx[t, m] == entry[q])`` (0 where ``entry`` is -1)."""
-    coef = tl.zeros((BLOCK_T, BLOCK_Q), dtype=tl.float32)
-    for m in tl.static_range(BLOCK_M):
-        col_idx = _entry_column(idx, m, BLOCK_M)
-        col_scale = _entry_column(scale, m, BLOCK_M)
-        hit = (col_idx[:, None] == entry[None, :]) & (entry[None, :] >= 0)
-        coef += tl.where(hit, col_scale[:, None], 0.0)
-    return coef
+    return idx, scale
 
 
 @triton.jit
@@ -157,113 +112,183 @@ def _mma(a, b, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _shrink_kernel(x_ptr, a_ptr, h_ptr, index_ptr, scale_ptr,
-                   T, M, D_IN, R,
-                   stride_xt, stride_ak, stride_an, stride_ar, stride_it, stride_st,
-                   h_stride_t, h_stride_k,
-                   NUM_SLICES: tl.constexpr, NUM_GROUPS: tl.constexpr, K_SPLIT: tl.constexpr,
-                   GROUP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_NN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    """Program -> (row tile, slice, slot group, K chunk): ``h[:, k, group] (+)= coef * A x``."""
-    pid = tl.program_id(0)
-    ks = pid % K_SPLIT
-    g = (pid // K_SPLIT) % NUM_GROUPS
-    k = (pid // (K_SPLIT * NUM_GROUPS)) % NUM_SLICES
-    row0 = (pid // (K_SPLIT * NUM_GROUPS * NUM_SLICES)) * BLOCK_T
-    idx, scale = _load_entries(index_ptr, scale_ptr, row0, T, M, stride_it, stride_st, BLOCK_T, BLOCK_M)
-    present, slot, count = _present_entries(idx, BLOCK_M, BLOCK_NN)
-    if g * GROUP < count:
-        entry, rank = _group_columns(g, present, slot, count, GROUP, BLOCK_R, BLOCK_NN)
-        col_ok = (entry >= 0) & (rank < R)
-        a_cols = a_ptr + k.to(tl.int64) * stride_ak + tl.maximum(entry, 0).to(tl.int64) * stride_an + rank * stride_ar
-        rows = row0 + tl.arange(0, BLOCK_T)
-        chunk = tl.cdiv(tl.cdiv(D_IN, K_SPLIT), BLOCK_K) * BLOCK_K
-        k_lo = ks * chunk
-        k_hi = tl.minimum(k_lo + chunk, D_IN)
-        acc = tl.zeros((BLOCK_T, GROUP * BLOCK_R), dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            feats = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xt + feats[None, :],
-                        mask=(rows[:, None] < T) & (feats[None, :] < k_hi), other=0.0)
-            a = tl.load(a_cols[None, :] + feats[:, None], mask=col_ok[None, :] & (feats[:, None] < k_hi), other=0.0)
-            acc += _mma(x.to(a.dtype), a, DOT_PRECISION, DOT_UPCAST)
-        acc *= _coef_columns(idx, scale, entry, BLOCK_T, GROUP * BLOCK_R, BLOCK_M)
-        h = h_ptr + rows[:, None] * h_stride_t + k * h_stride_k + g * (GROUP * BLOCK_R) + tl.arange(0, GROUP * BLOCK_R)[None, :]
-        mask = (rows[:, None] < T) & col_ok[None, :]
-        if K_SPLIT == 1:
-            tl.store(h, acc, mask=mask)
-        else:
-            tl.atomic_add(h, acc, mask=mask, sem="relaxed")
+def _coef(idx, scale, n):
+    """``coef[t] = sum_m scale[t, m] * (idx[t, m] == n)`` for one library entry ``n``."""
+    return tl.sum(tl.where(idx == n, scale, 0.0), axis=1)
 
 
 @triton.jit
-def _expand_kernel(y_ptr, b_ptr, h_ptr, index_ptr, scale_ptr,
-                   T, M, R, W0, W1, W2, W3,
-                   stride_yt, stride_bn, stride_bo, stride_it, stride_st, h_stride_t, h_stride_k,
-                   NUM_SLICES: tl.constexpr, COL_TILES: tl.constexpr, GROUP: tl.constexpr,
-                   BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_NN: tl.constexpr,
-                   BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    """Program -> (row tile, slice, column tile): ``y_tile += sum_g h[:, k, g] @ B[g]^T``."""
-    pid = tl.program_id(0)
+def _shrink_tile(pid, x_ptr, a_ptr, h_ptr, hp_ptr, group_ptr, index_ptr, scale_ptr,
+                 T, M, D_IN, N, R,
+                 stride_xt, stride_ak, stride_an, stride_ar, stride_it, stride_st,
+                 hp_stride_ks, h_stride_t, h_stride_k, h_stride_n,
+                 NUM_SLICES: tl.constexpr, K_SPLIT: tl.constexpr,
+                 BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """Program ``pid`` -> (row tile, slice, entry, K chunk): ``h = coef * A x`` for its tile.
+
+    With ``K_SPLIT > 1`` each program writes a float32 partial; the last of a group to finish
+    (counted on ``group_ptr``, which it resets) sums the partials into ``h`` once.
+    """
+    ks = pid % K_SPLIT
+    n = (pid // K_SPLIT) % N
+    k = (pid // (K_SPLIT * N)) % NUM_SLICES
+    row0 = (pid // (K_SPLIT * N * NUM_SLICES)) * BLOCK_T
+    idx, scale = _load_entries(index_ptr, scale_ptr, row0, T, M, stride_it, stride_st, BLOCK_T, BLOCK_M)
+    coef = _coef(idx, scale, n)
+    if tl.max(tl.abs(coef), axis=0) > 0:  # entry n is present in this row tile
+        rows = row0 + tl.arange(0, BLOCK_T)
+        rs = tl.arange(0, BLOCK_R)
+        chunk = tl.cdiv(tl.cdiv(D_IN, K_SPLIT), BLOCK_K) * BLOCK_K
+        k_lo = ks * chunk
+        k_hi = tl.minimum(k_lo + chunk, D_IN)
+        a_base = a_ptr + k.to(tl.int64) * stride_ak + n.to(tl.int64) * stride_an
+        acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xt + cols[None, :],
+                        mask=(rows[:, None] < T) & (cols[None, :] < k_hi), other=0.0)
+            a = tl.load(a_base + rs[None, :] * stride_ar + cols[:, None],
+                        mask=(rs[None, :] < R) & (cols[:, None] < k_hi), other=0.0)
+            acc += _mma(x.to(a.dtype), a, DOT_PRECISION, DOT_UPCAST)
+        acc = acc * coef[:, None]
+        h_off = rows[:, None] * h_stride_t + k * h_stride_k + n * h_stride_n + rs[None, :]
+        row_ok = rows[:, None] < T
+        if K_SPLIT == 1:
+            tl.store(h_ptr + h_off, acc, mask=row_ok)
+        else:
+            tl.store(hp_ptr + ks * hp_stride_ks + h_off, acc, mask=row_ok)
+            tl.debug_barrier()  # all of this program's stores precede its arrival
+            group = (pid // K_SPLIT).to(tl.int64)
+            if tl.atomic_add(group_ptr + group, 1, sem="acq_rel") == K_SPLIT - 1:
+                parts = tl.arange(0, K_SPLIT)[:, None, None] * hp_stride_ks + h_off[None, :, :]
+                partial = tl.load(hp_ptr + parts, mask=row_ok[None, :, :], other=0.0, cache_modifier=".cg")
+                tl.store(h_ptr + h_off, tl.sum(partial, axis=0), mask=row_ok)
+                tl.atomic_xchg(group_ptr + group, 0)
+
+
+@triton.jit
+def _expand_tile(pid, y_ptr, b_ptr, h_ptr, index_ptr, scale_ptr,
+                 T, M, N, R, W0, W1, W2, W3,
+                 stride_yt, stride_bn, stride_bo, stride_it, stride_st,
+                 h_stride_t, h_stride_k, h_stride_n,
+                 NUM_SLICES: tl.constexpr, COL_TILES: tl.constexpr,
+                 BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """Program ``pid`` -> (row tile, slice, column tile): ``y_tile += sum_n h_n @ B_n^T``.
+
+    Rows without any non-zero entry are neither loaded nor stored.
+    """
     col_tile = pid % COL_TILES
     k = (pid // COL_TILES) % NUM_SLICES
     row0 = (pid // (COL_TILES * NUM_SLICES)) * BLOCK_T
     offset, width = _slice_bounds(k, W0, W1, W2, W3)
     idx, scale = _load_entries(index_ptr, scale_ptr, row0, T, M, stride_it, stride_st, BLOCK_T, BLOCK_M)
-    row_active = tl.max(idx, axis=1) >= 0
+    row_active = tl.sum(((idx >= 0) & (scale != 0.0)).to(tl.int32), axis=1) > 0
     if (col_tile * BLOCK_N < width) & (tl.max(row_active.to(tl.int32), axis=0) > 0):
         rows = row0 + tl.arange(0, BLOCK_T)
+        rs = tl.arange(0, BLOCK_R)
         cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < width
-        y = y_ptr + rows[:, None].to(tl.int64) * stride_yt + offset + cols[None, :]
-        y_old = tl.load(y, mask=(rows[:, None] < T) & col_ok[None, :], other=0.0)  # issued early
-        present, slot, count = _present_entries(idx, BLOCK_M, BLOCK_NN)
         acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-        for g in range(0, tl.cdiv(count, GROUP)):
-            entry, rank = _group_columns(g, present, slot, count, GROUP, BLOCK_R, BLOCK_NN)
-            q_ok = (entry >= 0) & (rank < R)
-            h = tl.load(h_ptr + rows[:, None] * h_stride_t + k * h_stride_k + g * (GROUP * BLOCK_R)
-                        + tl.arange(0, GROUP * BLOCK_R)[None, :],
-                        mask=(rows[:, None] < T) & q_ok[None, :], other=0.0)
-            b = tl.load(b_ptr + tl.maximum(entry, 0).to(tl.int64)[:, None] * stride_bn
-                        + (offset + cols[None, :]) * stride_bo + rank[:, None],
-                        mask=q_ok[:, None] & col_ok[None, :], other=0.0)
+        for n in range(0, N):
+            coef = _coef(idx, scale, n)
+            present = tl.max(tl.abs(coef), axis=0) > 0  # masks below skip absent entries' loads
+            h = tl.load(h_ptr + rows[:, None] * h_stride_t + k * h_stride_k + n * h_stride_n + rs[None, :],
+                        mask=tl.where(present, rows[:, None] < T, False), other=0.0, cache_modifier=".cg")
+            b = tl.load(b_ptr + tl.cast(n, tl.int64) * stride_bn + (offset + cols[None, :]) * stride_bo + rs[:, None],
+                        mask=tl.where(present, col_ok[None, :] & (rs[:, None] < R), False), other=0.0)
             acc += _mma(h.to(b.dtype), b, DOT_PRECISION, DOT_UPCAST)
+        y = y_ptr + rows[:, None].to(tl.int64) * stride_yt + offset + cols[None, :]
         mask = row_active[:, None] & (rows[:, None] < T) & col_ok[None, :]
+        y_old = tl.load(y, mask=mask, other=0.0)
         tl.store(y, (y_old.to(tl.float32) + acc).to(y_old.dtype), mask=mask)
 
 
+@triton.jit
+def _blend_kernel(y_ptr, x_ptr, a_ptr, b_ptr, h_ptr, hp_ptr, index_ptr, scale_ptr, sync_ptr,
+                  T, M, D_IN, N, R, W0, W1, W2, W3,
+                  stride_yt, stride_xt, stride_ak, stride_an, stride_ar, stride_bn, stride_bo,
+                  stride_it, stride_st, hp_stride_ks, h_stride_t, h_stride_k, h_stride_n,
+                  NUM_SHRINK, NUM_EXPAND,
+                  PHASE: tl.constexpr,  # 0: shrink and expand in one launch, 1: shrink, 2: expand
+                  NUM_SLICES: tl.constexpr, K_SPLIT: tl.constexpr, COL_TILES: tl.constexpr,
+                  BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                  BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """Entry point: dispatch the program to its shrink or expand role (see module docstring)."""
+    pid = tl.program_id(0)
+    if PHASE == 2:
+        pid += NUM_SHRINK
+    if pid < NUM_SHRINK:
+        _shrink_tile(pid, x_ptr, a_ptr, h_ptr, hp_ptr, sync_ptr + 2, index_ptr, scale_ptr, T, M, D_IN, N, R,
+                     stride_xt, stride_ak, stride_an, stride_ar, stride_it, stride_st,
+                     hp_stride_ks, h_stride_t, h_stride_k, h_stride_n,
+                     NUM_SLICES, K_SPLIT, BLOCK_T, BLOCK_M, BLOCK_R, BLOCK_K, DOT_PRECISION, DOT_UPCAST)
+        if PHASE == 0:
+            tl.debug_barrier()
+            tl.atomic_add(sync_ptr, 1, sem="release")  # publish this program's results
+    else:
+        if PHASE == 0:
+            while tl.atomic_add(sync_ptr, 0, sem="acquire") < NUM_SHRINK:
+                pass
+        _expand_tile(pid - NUM_SHRINK, y_ptr, b_ptr, h_ptr, index_ptr, scale_ptr,
+                     T, M, N, R, W0, W1, W2, W3,
+                     stride_yt, stride_bn, stride_bo, stride_it, stride_st,
+                     h_stride_t, h_stride_k, h_stride_n,
+                     NUM_SLICES, COL_TILES, BLOCK_T, BLOCK_M, BLOCK_R, BLOCK_N, DOT_PRECISION, DOT_UPCAST)
+        if PHASE == 0:
+            # the last expand program to finish resets the counters for the next launch
+            if tl.atomic_add(sync_ptr + 1, 1) == NUM_EXPAND - 1:
+                tl.atomic_xchg(sync_ptr + 1, 0)
+                tl.atomic_xchg(sync_ptr, 0)
+
+
+_counter_buffers: dict[torch.device, torch.Tensor] = {}
+
+
+def _counters(device: torch.device, num_groups: int) -> torch.Tensor:
+    """Per-device int32 counters: producers done, consumers done, then one per K-split group.
+
+    The kernel returns every counter to zero, so the buffer is allocated (zeroed) once and only
+    grows when a larger shape is first seen (do that warm-up call before a CUDA-graph capture).
+    """
+    buf = _counter_buffers.get(device)
+    if buf is None or buf.numel() < num_groups + 2:
+        buf = _counter_buffers[device] = torch.zeros(num_groups + 2, dtype=torch.int32, device=device)
+    return buf
+
+
 def _launch_slices(y, x, lora_a, lora_b, av_index, av_scale, widths, cfg: BlendConfig) -> None:
-    """Shrink then expand for up to four consecutive slices."""
+    """One blend launch (or two with ``cfg.two_launches``) for up to four consecutive slices."""
     num_slices, num_avs, rank, d_in = lora_a.shape
     num_rows, num_entries = av_index.shape
-    block_r = triton.next_power_of_2(rank)
-    num_groups = triton.cdiv(_num_slots(num_rows, cfg.block_t, num_avs, num_entries), cfg.group)
-    h_shape = (num_rows, num_slices, num_groups * cfg.group * block_r)
-    # float32 shrink output per present-entry slot; zeroed only when K-split programs add into it
-    alloc = torch.zeros if cfg.k_split > 1 else torch.empty
-    h = alloc(h_shape, dtype=torch.float32, device=y.device)
+    block_r = max(16, triton.next_power_of_2(rank))
+    # h: coef-scaled shrink output in the weights' dtype (the expand's MMA input);
+    # hp: float32 K-split partials (only with k_split > 1)
+    h = torch.empty((num_rows, num_slices, num_avs, block_r), dtype=lora_b.dtype, device=y.device)
+    hp = torch.empty((cfg.k_split, *h.shape), dtype=torch.float32, device=y.device) if cfg.k_split > 1 else h
     row_tiles = triton.cdiv(num_rows, cfg.block_t)
     col_tiles = triton.cdiv(max(widths), cfg.block_n)
+    num_shrink = row_tiles * num_slices * num_avs * cfg.k_split
+    num_expand = row_tiles * num_slices * col_tiles
     w = list(widths) + [0] * (MAX_SLICES_PER_LAUNCH - len(widths))
-    common = dict(NUM_SLICES=num_slices, GROUP=cfg.group, BLOCK_T=cfg.block_t,
-                  BLOCK_M=triton.next_power_of_2(num_entries), BLOCK_NN=triton.next_power_of_2(num_avs),
-                  BLOCK_R=block_r, num_warps=cfg.num_warps,
-                  # fp32 inputs: exact fp32 products (no TF32), as the reference computes
-                  DOT_PRECISION="ieee" if lora_b.dtype == torch.float32 else "tf32",
-                  DOT_UPCAST=_INTERPRET and lora_b.dtype == torch.bfloat16)
-    _shrink_kernel[(row_tiles * num_slices * num_groups * cfg.k_split,)](
-        x, lora_a, h, av_index, av_scale, num_rows, num_entries, d_in, rank,
-        x.stride(0), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2), av_index.stride(0), av_scale.stride(0),
-        h.stride(0), h.stride(1),
-        NUM_GROUPS=num_groups, K_SPLIT=cfg.k_split, BLOCK_K=cfg.block_k, **common)
-    _expand_kernel[(row_tiles * num_slices * col_tiles,)](
-        y, lora_b, h, av_index, av_scale, num_rows, num_entries, rank, *w,
-        y.stride(0), lora_b.stride(0), lora_b.stride(1), av_index.stride(0), av_scale.stride(0),
-        h.stride(0), h.stride(1),
-        COL_TILES=col_tiles, BLOCK_N=cfg.block_n, **common)
+    counters = _counters(y.device, row_tiles * num_slices * num_avs)
+    args = (y, x, lora_a, lora_b, h, hp, av_index, av_scale, counters,
+            num_rows, num_entries, d_in, num_avs, rank, *w,
+            y.stride(0), x.stride(0), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
+            lora_b.stride(0), lora_b.stride(1), av_index.stride(0), av_scale.stride(0),
+            hp.stride(0) if cfg.k_split > 1 else 0, h.stride(0), h.stride(1), h.stride(2), num_shrink, num_expand)
+    meta = dict(NUM_SLICES=num_slices, K_SPLIT=cfg.k_split, COL_TILES=col_tiles,
+                BLOCK_T=cfg.block_t, BLOCK_M=triton.next_power_of_2(num_entries), BLOCK_R=block_r,
+                BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+                # fp32 inputs: exact fp32 products (no TF32), as the reference computes
+                DOT_PRECISION="ieee" if lora_b.dtype == torch.float32 else "tf32",
+                DOT_UPCAST=_INTERPRET and lora_b.dtype == torch.bfloat16)
+    if cfg.two_launches:
+        _blend_kernel[(num_shrink,)](*args, PHASE=1, **meta)
+        _blend_kernel[(num_expand,)](*args, PHASE=2, **meta)
+    else:
+        _blend_kernel[(num_shrink + num_expand,)](*args, PHASE=0, **meta)
 
 
 def blend_triton(
@@ -289,8 +314,7 @@ def blend_triton(
     lora_b = lora_b.contiguous()
     av_index = av_index.contiguous()
     av_scale = av_scale.contiguous()
-    num_slices, num_avs, rank, d_in = lora_a.shape
-    cfg = config or blend_config(num_rows, d_in, len(out_slices), num_avs, av_index.shape[1], rank)
+    cfg = config or blend_config(num_rows, x.shape[1], len(out_slices), lora_a.shape[1], av_index.shape[1])
     col = 0
     for first in range(0, len(out_slices), MAX_SLICES_PER_LAUNCH):
         widths = out_slices[first : first + MAX_SLICES_PER_LAUNCH]

@@ -99,15 +99,15 @@ def fresh_seed() -> int:
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 # (T, in, out_slices, ranks of the library, M): odd sizes, T=1, 1-3 slices of unequal width,
-# ranks 1..64 mixed, M = 1..8; T chosen to hit every row-tile size of blend_config
+# ranks 1..64 mixed, M = 1..8; T chosen to hit every shape class of blend_config
 CASES = [
     (1, 37, [45], [1, 5, 16], 1),
     (1, 200, [33, 17, 9], [3, 64, 8, 1, 12, 7, 2, 30], 8),  # split-K across programs
     (7, 65, [50, 30], [4, 9, 2, 13, 6], 3),
     (19, 41, [23, 41, 10], [64, 1, 33, 5], 8),  # two 16-row tiles
     (33, 29, [70, 18], [2, 7, 11], 5),  # 64-row decode tile
-    (70, 23, [131], [16, 3], 2),  # two 64-row tiles
-    (530, 17, [19, 11], [1, 2], 2),  # prefill shape, 9 row tiles
+    (70, 23, [131], [16, 3], 2),  # medium shape, 128-column tiles
+    (530, 17, [19, 11], [1, 2], 2),  # prefill shape, 128-row tiles
 ]
 
 
@@ -117,21 +117,11 @@ def test_blend_matches_float64(case, dtype):
     run_and_check(fresh_seed(), *case, dtype)
 
 
-EXPLICIT = {  # name: (config, T, in, out_slices, ranks, M)
-    # several slot groups per tile (GROUP * BLOCK_R = 16 columns), K split with atomic adds
-    "groups-ksplit": (BlendConfig(block_t=16, group=1, block_k=32, k_split=4, block_n=32), 21, 150, [40, 24],
-                      [8, 3, 17], 4),
-    # no K split (plain stores), 32-entry library padded to a power of two, several row tiles
-    "stores-bigN": (BlendConfig(block_t=16, group=4, block_k=16, k_split=1, block_n=16), 37, 45, [30, 9],
-                    [4] * 20, 6),
-}
-
-
-@pytest.mark.parametrize("name", sorted(EXPLICIT))
-def test_explicit_configs(name):
-    """Same result with forced group sizes, K splits and tile shapes."""
-    cfg, *case = EXPLICIT[name]
-    run_and_check(fresh_seed(), *case, torch.bfloat16, config=cfg)
+@pytest.mark.parametrize("two_launches", [False, True], ids=["fused", "two-launches"])
+def test_explicit_configs(two_launches):
+    """Same result with a forced K split and with shrink/expand as two launches."""
+    cfg = BlendConfig(block_t=16, block_n=32, block_k=32, k_split=4, num_warps=4, two_launches=two_launches)
+    run_and_check(fresh_seed(), 21, 150, [40, 24], [8, 3, 17], 4, torch.bfloat16, config=cfg)
 
 
 def test_more_than_four_slices():
@@ -144,10 +134,16 @@ def test_no_active_entries_leaves_y_untouched():
 
 
 def test_config_depends_on_shape_only():
-    decode = blend_config(1, 4096, 3, 16, 4, 16)
-    prefill = blend_config(2048, 4096, 3, 16, 4, 16)
-    assert decode.block_t == 16 and decode.k_split > 1 and decode.group == 4  # 4 slots: 1 row x 4 entries
-    assert prefill.block_t == 64 and prefill.group == 16
+    decode = blend_config(1, 4096, 3, 16, 4)
+    prefill = blend_config(2048, 4096, 3, 16, 4)
+    assert decode.block_t == 16 and decode.k_split > 1
+    assert prefill.block_t == 64 and prefill.k_split == 1
+
+
+def test_repeated_launches_reuse_the_sync_counter():
+    """The in-launch barrier resets itself: back-to-back calls stay correct."""
+    for _ in range(3):
+        run_and_check(fresh_seed(), 3, 70, [12, 6], [5, 2], 2, torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------------------- GPU
