@@ -118,11 +118,11 @@ def serve_command(p: argparse.ArgumentParser) -> Runner:
     return run
 
 
-@subcommand("demo", "build the tiny demo model and AV library, serve it on CPU and query it with several mixes")
+@subcommand("demo", "serve the embedded trained tiny model and its preference AVs on CPU and query it with several mixes")
 def demo_command(p: argparse.ArgumentParser) -> Runner:
-    p.add_argument("--dir", default="demo", help="where the model and AVs are built (reused if present)")
-    p.add_argument("--prompt", default="medical: the patient", help="the prompt sent under every mix")
-    p.add_argument("--max-tokens", type=int, default=12, help="tokens generated per request")
+    p.add_argument("--dir", default="demo", help="where the server log (and, without embedded demo data, the model) goes")
+    p.add_argument("--prompt", default=None, help="send this prompt under every mix instead of the demo's questions")
+    p.add_argument("--max-tokens", type=int, default=None, help="tokens generated per request (default 40; 12 for the random fallback)")
 
     def run(args: argparse.Namespace) -> int:
         from .demo import run_demo
