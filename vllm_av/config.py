@@ -27,6 +27,8 @@ class AVConfig:
     max_abs_scale: largest |scale| a request may give one AV.
     max_rank: largest AV rank the library may hold.
     max_name_length: longest AV name accepted (names are ``[A-Za-z0-9_.-]+``).
+    lenient: refuse a broken AV with a one-line warning and serve the rest (default: a broken
+        AV stops the start).
     """
 
     path: str
@@ -34,6 +36,7 @@ class AVConfig:
     max_abs_scale: float = 4.0
     max_rank: int = 64
     max_name_length: int = 64
+    lenient: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path:
@@ -45,6 +48,8 @@ class AVConfig:
         scale = self.max_abs_scale
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
             raise AVConfigError(f"av.max_abs_scale must be a positive finite number, got {scale!r}")
+        if not isinstance(self.lenient, bool):
+            raise AVConfigError(f"av.lenient must be true or false, got {self.lenient!r}")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "AVConfig":

@@ -7,6 +7,9 @@ error, which the server answers with HTTP 400 -- and replaced by its canonical f
 request gets a prefix-cache salt per canonical mix so KV blocks computed under one mix are
 never reused under another.
 
+Beam search builds its own sampling parameters without ``extra_args``, so a mix there would
+be silently dropped: such requests are refused with HTTP 400 instead.
+
 ``GET /v1/av`` lists the served AVs, beside vLLM's ``GET /v1/models``.
 """
 
@@ -53,7 +56,7 @@ _served: ServedLibrary | None = None
 def admit(params, served: ServedLibrary | None) -> tuple:
     """The canonical mix of ``params`` (empty for none); raise ``MixError`` for a bad one."""
     extra = getattr(params, "extra_args", None)
-    if not extra or MIX_KEY not in extra:
+    if not isinstance(extra, dict) or MIX_KEY not in extra:
         return ()
     if served is None:
         raise MixError("this server does not serve AVs (start it with --enable-av --av-path DIR)")
@@ -84,7 +87,7 @@ def _install_input_processor() -> None:
             raise AVMixRejected(str(exc), parameter="vllm_xargs.av") from None
         request = original_process(self, request_id, prompt, params, *args, **kwargs)
         sampling = request.sampling_params
-        if sampling is not None and sampling.extra_args and MIX_KEY in sampling.extra_args:
+        if sampling is not None and isinstance(sampling.extra_args, dict) and MIX_KEY in sampling.extra_args:
             if mix:
                 sampling.extra_args[MIX_KEY] = [list(pair) for pair in mix]
                 salt = f"av:{mix_to_str(mix)}"
@@ -95,6 +98,27 @@ def _install_input_processor() -> None:
 
     InputProcessor.__init__ = __init__
     InputProcessor.process_inputs = process_inputs
+
+
+def _install_beam_search_guard() -> None:
+    """Refuse ``use_beam_search`` with an ``av`` mix (beam search would drop the mix)."""
+    try:
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    except ImportError:
+        logger.warning("vllm-av: this vLLM's request classes moved; beam search with a mix is not refused")
+        return
+
+    for request_class in (CompletionRequest, ChatCompletionRequest):
+        original = request_class.to_beam_search_params
+
+        def to_beam_search_params(self, *args, _original=original, **kwargs):
+            if self.vllm_xargs and MIX_KEY in self.vllm_xargs:
+                raise AVMixRejected("av mixes cannot be used with beam search (use_beam_search)",
+                                    parameter="vllm_xargs.av")
+            return _original(self, *args, **kwargs)
+
+        request_class.to_beam_search_params = to_beam_search_params
 
 
 def _install_listing_route() -> None:
@@ -126,6 +150,7 @@ def _install_listing_route() -> None:
 
 
 def install() -> None:
-    """Install the request-admission hook and the listing route (idempotent via plugin.register)."""
+    """Install the request-admission hooks and the listing route (idempotent via plugin.register)."""
     _install_input_processor()
+    _install_beam_search_guard()
     _install_listing_route()

@@ -2,12 +2,16 @@
 
 Runs in the API-server process before the engine starts, so a bad library fails fast with
 one line naming the file (and tensor); workers load the same validated entries with vLLM's
-own LoRA loader. Weights are read from safetensors only: pickle files are never opened.
+own LoRA loader. Weights are read from safetensors only: pickle files are never opened, and
+no file is read through a link out of the library. With ``lenient`` loading a broken AV is
+refused with a one-line warning instead, and the rest of the library is served.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +23,11 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PICKLE_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 AV_JSON = "av.json"
+_FLOAT32_MAX = 3.4028234663852886e38
 _KEY_RE = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
+
+
+logger = logging.getLogger("vllm.av")
 
 
 class AVLibraryError(ValueError):
@@ -64,8 +72,14 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _check_tensors(weights: Path, config: AVConfig, model_shapes: dict[str, tuple[int, int]] | None) -> tuple[int, tuple[str, ...]]:
-    """Validate every tensor of ``weights``; return (max rank, module names)."""
+def _check_tensors(
+    weights: Path, config: AVConfig, model_shapes: dict[str, tuple[int, int]] | None, max_scaling: float
+) -> tuple[int, tuple[str, ...]]:
+    """Validate every tensor of ``weights``; return (max rank, module names).
+
+    ``max_scaling`` bounds the ``alpha/r`` factor vLLM folds into each B: every B times it must
+    stay finite in float32, so no served weight is Inf or NaN.
+    """
     import torch
     from safetensors import SafetensorError, safe_open
 
@@ -77,10 +91,13 @@ def _check_tensors(weights: Path, config: AVConfig, model_shapes: dict[str, tupl
                 if not match:
                     raise _fail(weights, f"tensor {key}: not a LoRA weight (base_model.model.<module>.lora_A/B.weight)")
                 tensor = f.get_tensor(key)
-                if tensor.ndim != 2 or not tensor.is_floating_point():
+                if tensor.ndim != 2 or not tensor.is_floating_point() or tensor.numel() == 0:
                     raise _fail(weights, f"tensor {key}: expected a 2-D float tensor, got {tensor.dtype} {list(tensor.shape)}")
                 if not bool(torch.isfinite(tensor).all()):
                     raise _fail(weights, f"tensor {key}: contains NaN or Inf")
+                served = tensor.double().abs().max().item() * (max_scaling if match["ab"] == "B" else 1.0)
+                if served > _FLOAT32_MAX:
+                    raise _fail(weights, f"tensor {key}: values up to {served:.3g} (after alpha/r) overflow float32")
                 shapes[(match["module"], match["ab"])] = tuple(tensor.shape)
     except SafetensorError as exc:
         raise _fail(weights, f"not a readable safetensors file ({exc})") from None
@@ -111,9 +128,40 @@ def _check_tensors(weights: Path, config: AVConfig, model_shapes: dict[str, tupl
     return max_rank, tuple(modules)
 
 
-def _load_entry(directory: Path, config: AVConfig, model_shapes, model_dir: str | None) -> AVEntry:
-    adapter_config = directory / ADAPTER_CONFIG
-    weights = directory / ADAPTER_WEIGHTS
+def _check_scaling(adapter_config: Path, peft: dict) -> float:
+    """Check the ranks and alphas vLLM reads from ``adapter_config.json``; return the largest
+    factor (``alpha/r``, or ``alpha/sqrt(r)`` with rsLoRA) vLLM may fold into a lora_B."""
+    ranks = [("r", peft.get("r"))] + [(f"rank_pattern[{k!r}]", v) for k, v in _pattern(adapter_config, peft, "rank_pattern")]
+    for label, rank in ranks:
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise _fail(adapter_config, f"{label} must be a positive integer, got {rank!r}")
+    alphas = [("lora_alpha", peft.get("lora_alpha"))] + [
+        (f"alpha_pattern[{k!r}]", v) for k, v in _pattern(adapter_config, peft, "alpha_pattern")
+    ]
+    for label, alpha in alphas:
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise _fail(adapter_config, f"{label} must be a finite number, got {alpha!r}")
+    smallest = min(rank for _, rank in ranks)
+    return max(abs(float(alpha)) for _, alpha in alphas) / (math.sqrt(smallest) if peft.get("use_rslora") else smallest)
+
+
+def _pattern(adapter_config: Path, peft: dict, key: str) -> list[tuple[str, object]]:
+    value = peft.get(key) or {}
+    if not isinstance(value, dict):
+        raise _fail(adapter_config, f"{key} must be an object, got {type(value).__name__}")
+    return list(value.items())
+
+
+def _inside(path: Path, real_root: Path) -> Path:
+    """``path`` if it does not resolve out of the library; a link out is refused."""
+    if not path.resolve().is_relative_to(real_root):
+        raise _fail(path, "is a link out of the AV library; refused")
+    return path
+
+
+def _load_entry(directory: Path, config: AVConfig, model_shapes, model_dir: str | None, real_root: Path) -> AVEntry:
+    adapter_config = _inside(directory / ADAPTER_CONFIG, real_root)
+    weights = _inside(directory / ADAPTER_WEIGHTS, real_root)
     if not weights.is_file():
         pickles = [p for p in PICKLE_WEIGHTS if (directory / p).exists()]
         if pickles:
@@ -126,11 +174,13 @@ def _load_entry(directory: Path, config: AVConfig, model_shapes, model_dir: str 
         raise _fail(adapter_config, "DoRA adapters cannot be served as AVs")
     if peft.get("bias", "none") != "none":
         raise _fail(adapter_config, f"bias={peft.get('bias')!r} is not supported (must be 'none')")
-    meta = _read_json(directory / AV_JSON) if (directory / AV_JSON).is_file() else {}
+    max_scaling = _check_scaling(adapter_config, peft)
+    av_json = _inside(directory / AV_JSON, real_root)
+    meta = _read_json(av_json) if av_json.is_file() else {}
     name = meta.get("name") or directory.name
     if not isinstance(name, str) or not NAME_RE.fullmatch(name) or len(name) > config.max_name_length:
         raise _fail(directory / (AV_JSON if meta else ""), f"AV name {name!r} must be 1-{config.max_name_length} characters of [A-Za-z0-9_.-]")
-    rank, modules = _check_tensors(weights, config, model_shapes)
+    rank, modules = _check_tensors(weights, config, model_shapes, max_scaling)
     compatibility = "unknown"
     if meta and model_dir is not None:
         from vllm_av.avfile import check_compatibility
@@ -176,17 +226,31 @@ def load_library(path: str, config: AVConfig, model_dir: str | None = None) -> l
     model_shapes = _model_weight_shapes(model_dir) if model_dir and Path(model_dir).is_dir() else None
     real_root = root.resolve()
     entries: dict[str, AVEntry] = {}
+    refused = 0
     for directory in sorted(p for p in root.iterdir() if not p.name.startswith(".")):
-        if not directory.resolve().is_relative_to(real_root):
-            raise _fail(directory, "is a link out of the AV library; refused")
-        if not directory.is_dir():
+        try:
+            entry = _scan(directory, config, model_shapes, model_dir if model_shapes is not None else None, real_root)
+            if entry is not None and entry.name in entries:
+                raise _fail(directory, f"AV name {entry.name!r} is also used by {entries[entry.name].path}")
+        except AVLibraryError as exc:
+            if not config.lenient:
+                raise
+            logger.warning("vllm-av: AV refused (lenient loading): %s", exc)
+            refused += 1
             continue
-        if not (directory / ADAPTER_CONFIG).is_file():
-            raise _fail(directory / ADAPTER_CONFIG, "missing (every library sub-directory must be a PEFT LoRA adapter)")
-        entry = _load_entry(directory, config, model_shapes, model_dir if model_shapes is not None else None)
-        if entry.name in entries:
-            raise _fail(directory, f"AV name {entry.name!r} is also used by {entries[entry.name].path}")
-        entries[entry.name] = entry
+        if entry is not None:
+            entries[entry.name] = entry
     if not entries:
-        raise AVLibraryError(f"{root}: the AV library holds no adapters")
+        reason = f" ({refused} refused)" if refused else ""
+        raise AVLibraryError(f"{root}: the AV library holds no adapters{reason}")
     return [entries[name] for name in sorted(entries)]
+
+
+def _scan(directory: Path, config: AVConfig, model_shapes, model_dir: str | None, real_root: Path) -> AVEntry | None:
+    """The AV in one library entry, or None for a plain file (not an AV)."""
+    _inside(directory, real_root)
+    if not directory.is_dir():
+        return None
+    if not (directory / ADAPTER_CONFIG).is_file():
+        raise _fail(directory / ADAPTER_CONFIG, "missing (every library sub-directory must be a PEFT LoRA adapter)")
+    return _load_entry(directory, config, model_shapes, model_dir, real_root)

@@ -21,7 +21,8 @@ from vllm_av.config import AVConfig
 Mix = tuple[tuple[str, float], ...]
 
 NAME_RE = re.compile(r"[A-Za-z0-9_.\-]+")
-_NUMBER_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+# ASCII digits only: Python's \d and float() also take other scripts' digits ("١", "１").
+_NUMBER_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
 
 
 class MixError(ValueError):
@@ -65,6 +66,8 @@ def _entries(spec: object, config: AVConfig) -> list[tuple[object, object]]:
                 raise MixError(f"av mix entry {_short(item.strip())} must look like name:scale")
             pairs.append((name.strip(), scale))
         return pairs
+    if isinstance(spec, (dict, list, tuple)) and len(spec) > limit:
+        raise MixError(f"av mix has {len(spec)} entries; this server allows at most {limit}")
     if isinstance(spec, dict):
         return list(spec.items())
     if isinstance(spec, (list, tuple)):

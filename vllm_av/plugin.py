@@ -57,7 +57,7 @@ def library_for(config: AVConfig, model_dir: str | None) -> list:
 
 
 def _install_cli_args() -> None:
-    """``--enable-av --av-path DIR [--av-max-per-request M] [--av-max-abs-scale S] [--av-max-rank R]``."""
+    """``--enable-av --av-path DIR`` and one ``--av-*`` flag per :class:`AVConfig` setting."""
     from vllm.engine import arg_utils
 
     engine_args = arg_utils.EngineArgs
@@ -78,6 +78,11 @@ def _install_cli_args() -> None:
                            help="Largest |scale| a request may give one AV.")
         group.add_argument("--av-max-rank", type=int, default=defaults.max_rank,
                            help="Largest AV rank the library may hold.")
+        group.add_argument("--av-max-name-length", type=int, default=defaults.max_name_length,
+                           help="Longest AV name accepted (in the library and in requests).")
+        group.add_argument("--av-lenient", action="store_true",
+                           help="Refuse a broken AV with a one-line warning and serve the rest "
+                                "(default: a broken AV stops the start).")
         return parser
 
     def from_cli_args(cls, args):
@@ -90,6 +95,8 @@ def _install_cli_args() -> None:
                 "max_per_request": args.av_max_per_request,
                 "max_abs_scale": args.av_max_abs_scale,
                 "max_rank": args.av_max_rank,
+                "max_name_length": args.av_max_name_length,
+                "lenient": args.av_lenient,
             }
             result.additional_config = {**(result.additional_config or {}), CONFIG_KEY: settings}
             _validate_before_start(settings, getattr(args, "model", None))

@@ -121,8 +121,10 @@ class AVWorkerState:
 
     def update(self, req_ids: Sequence[str], num_scheduled_tokens: np.ndarray, requests: dict) -> None:
         """Fill the tables for a batch: request ``req_ids[i]`` owns ``num_scheduled_tokens[i]`` rows."""
-        if len(self._mix_row) + len(req_ids) > self._capacity:
-            self._compact(requests)  # before any row is read: compaction renumbers rows
+        if len(self._mix_row) + len(req_ids) > self._capacity or len(self._req_row) > 2 * self._capacity:
+            # Before any row is read (compaction renumbers rows). The second test forgets finished
+            # requests when few distinct mixes would never fill the pool (else one entry per request leaks).
+            self._compact(requests)
         get = self._req_row.get
         rows = np.fromiter(
             (r if (r := get(rid)) is not None else self._resolve(rid, requests) for rid in req_ids),
