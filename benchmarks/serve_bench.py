@@ -30,16 +30,15 @@ import json
 import os
 import random
 import shlex
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from vllm_av.server_process import CPU_FLAGS, ServerProcess
 
 RESULTS = Path(__file__).parent / "results"
 PREFERENCE_PROMPT = (
@@ -93,60 +92,6 @@ def build_workloads(args, names: list[str], lora_mixes: list[dict]) -> list[Work
 
 
 # --------------------------------------------------------------------------- servers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Server:
-    name: str
-    command: list[str]
-    url: str = ""
-    process: subprocess.Popen | None = None
-    start_s: float = 0.0  # launch to ready (servers start side by side, so this includes contention)
-    log: Path | None = None
-    _t0: float = 0.0
-
-    def launch(self, log_dir: Path) -> None:
-        """Start the server process (returns at once; see :meth:`wait_ready`)."""
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self.command = [*self.command, "--host", "127.0.0.1", "--port", str(port)]
-        self.log = log_dir / f"server_{self.name}.log"
-        self._t0 = time.time()
-        with open(self.log, "w") as out:
-            self.process = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait_ready(self, timeout: float = 600) -> None:
-        self._wait_ready(str(self.log), timeout)
-        self.start_s = time.time() - self._t0
-
-    def _wait_ready(self, log: str, timeout: float) -> None:
-        import urllib.error
-        import urllib.request
-
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server {self.name} exited ({self.process.returncode}); see {log}")
-            try:
-                urllib.request.urlopen(f"{self.url}/health", timeout=2)
-                return
-            except (urllib.error.URLError, ConnectionError):
-                time.sleep(1)
-        raise RuntimeError(f"server {self.name} not ready in {timeout:.0f} s; see {log}")
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
 
 
 def server_commands(args, library: Path, lora_dir: Path, n_mixes: int, lora_rank: int) -> dict[str, list[str]]:
@@ -376,8 +321,8 @@ def parse_args(argv=None):
     p.add_argument("--av-path", help="AV library (needed with --model)")
     p.add_argument("--server-cmd", default=f"{sys.executable} -m vllm.entrypoints.openai.api_server --model",
                    help="command that starts a vLLM OpenAI server for MODEL (GPU: 'vllm serve')")
-    p.add_argument("--server-args", default="--dtype float32 --max-model-len 1024 --enforce-eager "
-                   "--gpu-memory-utilization 0.4 --max-num-seqs 64", help="extra flags for every server")
+    p.add_argument("--server-args", default=" ".join([*CPU_FLAGS, "--max-num-seqs", "64"]),
+                   help="extra flags for every server (default: the tiny CPU model's)")
     p.add_argument("--workloads", nargs="+", default=["base", "av-distinct", "av-same", "lora-per-mix", "prompt"])
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--concurrency", type=int, default=32)
@@ -393,7 +338,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--offline", action="store_true", help="also time LLM.generate (peak throughput)")
     p.add_argument("--offline-engine-kwargs", default='{"dtype": "float32", "enforce_eager": true, '
-                   '"max_model_len": 1024, "gpu_memory_utilization": 0.4, "max_num_seqs": 64}')
+                   '"max_model_len": 512, "gpu_memory_utilization": 0.4, "max_num_seqs": 64}')
     p.add_argument("--smoke", action="store_true", help="a few requests per workload, one round (CI)")
     p.add_argument("--work-dir", default=None, help="scratch directory (default: a temp dir)")
     p.add_argument("--out", default=None, help="JSON result path (default: benchmarks/results/serve_bench_<date>.json)")
@@ -416,13 +361,13 @@ def main(argv=None) -> dict:
     workloads = build_workloads(args, names, lora_mixes)
     commands = server_commands(args, library, lora_dir, len(lora_mixes), lora_rank)
     needed = {w.server for w in workloads}
-    servers = {kind: Server(kind, commands[kind]) for kind in commands if kind in needed}
+    servers = {kind: ServerProcess(commands[kind], work / f"server_{kind}.log") for kind in commands if kind in needed}
     rounds: dict[str, list[dict]] = {w.name: [] for w in workloads}
     try:
-        for server in servers.values():  # started together: their start-up is mostly imports
-            server.launch(work)
+        for server in servers.values():  # started side by side: their start-up is mostly imports
+            server.launch()
         for server in servers.values():
-            server.wait_ready()
+            server.wait_ready(timeout=600)
         for workload in workloads:  # warm-up, not recorded
             warm = Workload(workload.name, workload.server, workload.requests[: min(8, args.concurrency)])
             asyncio.run(run_workload(servers[workload.server].url, args.model, warm, args.concurrency, args.time_limit))
@@ -441,7 +386,7 @@ def main(argv=None) -> dict:
                  "cpu_count": os.cpu_count(), "library": names, "lora_per_mix": {
                      "mixes": len(lora_mixes), "rank": lora_rank, "build_s": build_s,
                      "server_start_s": servers["lora"].start_s if "lora" in servers else None}},
-        "servers": {kind: {"command": s.command, "start_s": s.start_s} for kind, s in servers.items()},
+        "servers": {kind: {"command": s.command, "start_s": s.start_s} for kind, s in servers.items()},  # side by side
         "online": online, "online_rounds": rounds, "offline": offline,
     }
     out = Path(args.out) if args.out else RESULTS / f"serve_bench_{time.strftime('%Y-%m-%d')}.json"

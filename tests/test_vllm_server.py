@@ -7,13 +7,9 @@ merged-weights oracle; bad mixes get HTTP 400 naming the problem and the server 
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,19 +17,13 @@ import pytest
 import requests
 import torch
 
+from vllm_av.server_process import CPU_FLAGS, ServerProcess
 from vllm_av.testing import build_demo, merged_model
 
 pytestmark = pytest.mark.vllm
 
 VLLM_AV = str(Path(sys.executable).parent / "vllm-av")
 MAX_TOKENS = 8
-SERVER_FLAGS = ["--dtype", "float32", "--max-model-len", "512", "--gpu-memory-utilization", "0.4", "--enforce-eager"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -44,36 +34,12 @@ def demo(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(demo, tmp_path_factory):
     model, library = demo
-    port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
     command = [
-        VLLM_AV, "serve", str(model), "--av-path", str(library), "--av-max-per-request", "3",
-        "--av-max-abs-scale", "3", "--host", "127.0.0.1", "--port", str(port),
-        "--enable-lora", "--max-loras", "2", "--lora-modules", f"beta_lora={library / 'beta'}", *SERVER_FLAGS,
+        VLLM_AV, "serve", str(model), "--av-path", str(library), "--av-max-per-request", "3", "--av-max-abs-scale", "3",
+        "--enable-lora", "--max-loras", "2", "--lora-modules", f"beta_lora={library / 'beta'}", *CPU_FLAGS,
     ]
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            if process.poll() is not None:
-                pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail(f"server not ready in 240 s:\n{log.read_text()[-3000:]}")
-        yield url, str(model)
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+    with ServerProcess(command, tmp_path_factory.mktemp("server") / "server.log") as process:
+        yield process.url, str(model)
 
 
 def oracle_tokens(demo, mix: dict, prompt_ids: list[int]) -> list[int]:
@@ -195,7 +161,7 @@ def test_bad_library_stops_start_with_one_line_naming_the_file(demo, tmp_path):
     (pickled / "adapter_config.json").write_text((library / "beta" / "adapter_config.json").read_text())
     (pickled / "adapter_model.bin").write_bytes(b"not opened")
     result = subprocess.run(
-        [VLLM_AV, "serve", str(model), "--av-path", str(bad), *SERVER_FLAGS],
+        [VLLM_AV, "serve", str(model), "--av-path", str(bad), *CPU_FLAGS],
         capture_output=True, text=True, timeout=180,
     )
     assert result.returncode != 0

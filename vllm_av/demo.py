@@ -13,16 +13,13 @@ embedded data (a source checkout where it was removed) it falls back to
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from vllm_av.server_process import CPU_FLAGS, ServerProcess
 
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
 # (prompt, mix) pairs sent together; the prompts are in the demo model's chat format.
@@ -42,7 +39,6 @@ LEVEL_MARKERS = {  # the benchmark's classifier in brief (benchmarks/knobs/data.
     "generic": ("in general ,", "broadly ,", "usually ,", "many people", "it usually helps", "rest and fluids"),
     "expert": ("clinically ,", "under the statute ,", "from a portfolio view ,", "by weight", "written demand", "glide path"),
 }
-SERVER_FLAGS = ["--dtype", "float32", "--max-model-len", "512", "--gpu-memory-utilization", "0.4", "--enforce-eager"]
 
 
 def _post(url: str, body: dict) -> dict:
@@ -59,25 +55,6 @@ def _get(url: str) -> dict:
         return json.load(response)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited with code {process.returncode}; see {log}")
-        try:
-            _get(f"{url}/v1/av")
-            return
-        except (urllib.error.URLError, ConnectionError):
-            time.sleep(1)
-    raise RuntimeError(f"the server was not ready in {timeout:.0f} s; see {log}")
-
-
 def level_of(text: str) -> str:
     """avoid / generic / expert by marker phrases, or '?'."""
     scores = {level: sum(text.count(m) for m in markers) for level, markers in LEVEL_MARKERS.items()}
@@ -89,7 +66,6 @@ def level_of(text: str) -> str:
 def run_demo(workdir: str, prompt: str | None = None, max_tokens: int | None = None) -> int:
     """Serve the embedded demo (or build the random fallback under ``workdir``), print one completion
     per request. ``prompt`` replaces the demo's prompts (sent under every mix)."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     root = Path(workdir)
     root.mkdir(parents=True, exist_ok=True)
     trained = (DEMO_DATA / "model" / "config.json").is_file()
@@ -106,18 +82,14 @@ def run_demo(workdir: str, prompt: str | None = None, max_tokens: int | None = N
         model, library = build_demo(root)
         requests = [(prompt or "medical: the patient", mix) for mix in FALLBACK_MIXES]
     max_tokens = max_tokens or (40 if trained else 12)
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
     log = root / "server.log"
-    command = [sys.executable, "-m", "vllm_av.cli", "serve", str(model), "--av-path", str(library),
-               "--host", "127.0.0.1", "--port", str(port), *SERVER_FLAGS]
+    flags = list(CPU_FLAGS)
     if trained:  # the trained model's context is 256 positions
-        command[command.index("--max-model-len") + 1] = "256"
+        flags[flags.index("--max-model-len") + 1] = "256"
+    command = [sys.executable, "-m", "vllm_av.cli", "serve", str(model), "--av-path", str(library), *flags]
     print(f"[2/3] starting: vllm-av serve {model} --av-path {library} ... (log: {log})", flush=True)
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        _wait_ready(url, process, log)
+    with ServerProcess(command, log) as server:
+        url = server.url
         listing = _get(f"{url}/v1/av")
         print("[3/3] GET /v1/av:", ", ".join(f"{a['name']} (rank {a['rank']}, {a['compatibility']})" for a in listing["data"]))
         print(f"\n{len(requests)} requests in one batch, one mix per request (greedy):")
@@ -143,7 +115,4 @@ def run_demo(workdir: str, prompt: str | None = None, max_tokens: int | None = N
         bad = _post(f"{url}/v1/completions", {"model": str(model), "prompt": requests[0][0], "vllm_xargs": {"av": "delta:1"}})
         print(f"\n  a bad mix ('delta:1') is refused: {bad['error']['code']} {bad['error']['message']}")
         return 0
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=60)
+
