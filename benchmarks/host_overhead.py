@@ -41,7 +41,7 @@ def fake_requests(n: int, rng: np.random.Generator) -> dict:
 def new_state(max_seqs: int) -> AVWorkerState:
     entries = [AVEntry(name=n, path=n, rank=16, modules=()) for n in LIBRARY]
     config = AVConfig(path="lib", max_per_request=M)
-    return AVWorkerState(entries, config, AVTables(8192, M, torch.device("cpu")), max_seqs)
+    return AVWorkerState(entries, config, AVTables(8192, M, len(LIBRARY), torch.device("cpu")), max_seqs)
 
 
 def measure(n: int, repeats: int) -> dict:

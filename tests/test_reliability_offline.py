@@ -71,3 +71,32 @@ def test_huge_legal_scale_overflows_only_its_own_row(llm):
             assert all(math.isfinite(step[t].logprob) for step, t in zip(out.logprobs, out.token_ids)), mix
     # The huge rows are answered too (their overflowing logits may end them early).
     assert all(batch[i].finished and batch[i].outputs[0].finish_reason in ("length", "stop") for i in (3, 4, 8, 9))
+
+
+def test_av_only_engine_refuses_lora_requests(llm, tmp_path):
+    """LoRA was enabled only to carry the AVs (its math is skipped): a LoRA request must not be served silently."""
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    library = Path(llm.llm_engine.vllm_config.additional_config["av"]["path"])
+    with pytest.raises(ValueError, match="serves AVs only; start it with --enable-lora"):
+        llm.generate(["hello"], SamplingParams(max_tokens=2), lora_request=LoRARequest("a", 1, str(library / "alpha")),
+                     use_tqdm=False)
+
+
+def test_av_only_engine_matches_the_merged_weights_oracle(llm):
+    import torch
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+
+    from vllm_av.testing import merged_model
+
+    config = llm.llm_engine.vllm_config
+    model_dir, library = config.model_config.model, config.additional_config["av"]["path"]
+    mix = {"alpha": 0.7, "gamma": -1.2}
+    prompt = "medical: the patient"
+    (out,) = llm.generate([prompt], SamplingParams(max_tokens=10, temperature=0, extra_args={"av": mix}), use_tqdm=False)
+    ids = AutoTokenizer.from_pretrained(model_dir)(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = merged_model(model_dir, library, mix).generate(ids, max_new_tokens=10, do_sample=False)
+    assert list(out.outputs[0].token_ids) == want[0, ids.shape[1]:].tolist()

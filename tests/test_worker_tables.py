@@ -16,7 +16,7 @@ NAMES = ["a", "b", "c", "d"]
 def make_state(max_tokens=64, m=3, max_live=4):
     entries = [AVEntry(name=n, path=f"/lib/{n}", rank=4, modules=()) for n in NAMES]
     config = AVConfig(path="/lib", max_per_request=m)
-    return AVWorkerState(entries, config, AVTables(max_tokens, m, torch.device("cpu")), max_live)
+    return AVWorkerState(entries, config, AVTables(max_tokens, m, len(NAMES), torch.device("cpu")), max_live)
 
 
 def requests(mixes, forms=None):
@@ -44,11 +44,17 @@ def check(state, reqs, order, counts):
     row = 0
     for rid, n in zip(order, counts):
         idx, scale = expected_rows(reqs[rid].mix, m)
+        coef = [0.0] * len(NAMES)
+        for name, s in (reqs[rid].mix or {}).items():
+            coef[NAMES.index(name)] += s
         for _ in range(n):
             assert state.tables.index[row].tolist() == idx
             assert state.tables.scale[row].tolist() == pytest.approx(scale)
+            assert state.tables.coef[row].tolist() == pytest.approx(coef)  # the CPU layers' dense form
             row += 1
     assert (state.tables.index[row:] == -1).all(), "rows past the batch must hold no entries"
+    assert (state.tables.coef[row:] == 0).all()
+    assert state.tables.active == any(reqs[rid].mix for rid in order)
 
 
 def test_rows_follow_requests_and_stale_rows_are_cleared():

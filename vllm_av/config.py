@@ -29,6 +29,9 @@ class AVConfig:
     max_name_length: longest AV name accepted (names are ``[A-Za-z0-9_.-]+``).
     lenient: refuse a broken AV with a one-line warning and serve the rest (default: a broken
         AV stops the start).
+    stock_lora: also serve ordinary LoRA requests. Set to False by the plugin when vLLM's LoRA
+        support was switched on only to carry the AVs: then vLLM's own (empty) LoRA math is
+        skipped on every layer and LoRA requests are refused.
     """
 
     path: str
@@ -37,6 +40,7 @@ class AVConfig:
     max_rank: int = 64
     max_name_length: int = 64
     lenient: bool = False
+    stock_lora: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path:

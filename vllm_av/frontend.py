@@ -46,7 +46,8 @@ class ServedLibrary:
         return {
             "object": "list",
             "data": [entry.summary() for entry in self.entries],
-            "limits": {k: v for k, v in self.config.to_dict().items() if k != "path"},
+            "limits": {k: v for k, v in self.config.to_dict().items() if k not in ("path", "stock_lora")},
+            "lora_requests": self.config.stock_lora,
         }
 
 
@@ -81,10 +82,15 @@ def _install_input_processor() -> None:
             self._vllm_av = _served = ServedLibrary(config, entries)
 
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
+        served = getattr(self, "_vllm_av", None)
         try:
-            mix = admit(params, getattr(self, "_vllm_av", None))
+            mix = admit(params, served)
         except MixError as exc:
             raise AVMixRejected(str(exc), parameter="vllm_xargs.av") from None
+        # vLLM's engines pass lora_request by keyword.
+        if served is not None and not served.config.stock_lora and kwargs.get("lora_request") is not None:
+            raise AVMixRejected("this server serves AVs only; start it with --enable-lora to serve LoRA adapters too",
+                                parameter="lora_request")
         request = original_process(self, request_id, prompt, params, *args, **kwargs)
         sampling = request.sampling_params
         if sampling is not None and isinstance(sampling.extra_args, dict) and MIX_KEY in sampling.extra_args:

@@ -8,7 +8,10 @@ Three class-level wraps, each a no-op for runs without ``additional_config["av"]
   (``_prepare_inputs``); right after it, fill the AV tables for the same batch.
 * ``BaseLinearLayerWithLoRA._apply_lora_to_output`` -- after the stock LoRA add, run
   ``torch.ops.vllm_av.blend_`` on layers that hold AV weights. The op is launched on every
-  forward, whatever the batch holds, so CUDA-graph capture never drops it.
+  forward, whatever the batch holds, so CUDA-graph capture never drops it. On CPU, where vLLM
+  neither compiles nor captures a LoRA model, layers call the op's dense math directly with the
+  step's coefficient table (the custom-op dispatcher alone costs ~25 us a call) and skip steps
+  without entries.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from vllm_av.config import av_config_from
+from vllm_av.ops import blend_dense
 
 
 def _install_runner_hooks() -> None:
@@ -52,7 +56,8 @@ def _install_layer_hook() -> None:
     original = BaseLinearLayerWithLoRA._apply_lora_to_output
 
     def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        output = original(self, x, output)
+        if not getattr(self, "_av_skip_stock_lora", False):  # fixed per layer, like _av_a
+            output = original(self, x, output)
         lora_a = getattr(self, "_av_a", None)  # fixed per layer: a constant to the compiler
         if lora_a is None:
             return output
@@ -60,9 +65,13 @@ def _install_layer_hook() -> None:
         x2d = x.flatten(0, 1) if x.ndim == 3 else x
         tables = self._av_tables
         num_tokens = y.shape[0]
-        torch.ops.vllm_av.blend_(
-            y, x2d, lora_a, self._av_b, tables.index[:num_tokens], tables.scale[:num_tokens], self._av_slices
-        )
+        if tables.coef is not None:  # CPU: nothing is compiled or captured; per-step dense coefficients
+            if tables.active:
+                blend_dense(y, x2d, lora_a, self._av_b, tables.coef[:num_tokens], self._av_slices)
+        else:
+            torch.ops.vllm_av.blend_(
+                y, x2d, lora_a, self._av_b, tables.index[:num_tokens], tables.scale[:num_tokens], self._av_slices
+            )
         return output
 
     BaseLinearLayerWithLoRA._apply_lora_to_output = _apply_lora_to_output

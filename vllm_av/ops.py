@@ -34,28 +34,33 @@ logger = logging.getLogger("vllm.av")
 IMPL_ENV = "VLLM_AV_BLEND_IMPL"  # auto | triton | reference
 
 
-def blend_reference(
+def mix_coefficients(av_index: torch.Tensor, av_scale: torch.Tensor, num_avs: int) -> torch.Tensor:
+    """``coef[t, n]``: the sum of the scales row ``t`` gives library entry ``n`` (float32 ``[T, N]``).
+
+    Never indexes with -1: unused entries add 0 to entry 0.
+    """
+    valid = av_index >= 0
+    coef = torch.zeros(av_index.shape[0], num_avs, dtype=torch.float32, device=av_index.device)
+    return coef.scatter_add_(1, torch.where(valid, av_index, 0).long(), torch.where(valid, av_scale, 0.0))
+
+
+def blend_dense(
     y: torch.Tensor,
     x: torch.Tensor,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
-    av_index: torch.Tensor,
-    av_scale: torch.Tensor,
+    coef: torch.Tensor,
     out_slices: list[int],
 ) -> None:
-    """Dense torch implementation: every AV for every row, weighted by a per-row coefficient.
+    """``y += sum_n coef[:, n] * B_n (A_n x)``: every AV for every row, weighted by ``coef [T, N]``.
 
-    A handful of ops per call whatever the batch holds (no data-dependent shapes). Never indexes
-    with -1: unused entries get coefficient 0. Fastest when ``lora_b`` is physically
-    ``[OUT, N, R]`` (a permuted view), so each slice of B is a free reshape.
+    A handful of ops whatever the batch holds (no data-dependent shapes). Fastest when ``lora_b``
+    is physically ``[OUT, N, R]`` (a permuted view), so each slice of B is a free reshape.
     """
     num_slices, num_avs, rank, d_in = lora_a.shape
     rows = y.shape[0]
     if rows == 0:
         return
-    valid = av_index >= 0
-    coef = torch.zeros(rows, num_avs, dtype=torch.float32, device=y.device)
-    coef.scatter_add_(1, torch.where(valid, av_index, 0).long(), torch.where(valid, av_scale, 0.0))
     a_all = lora_a.reshape(num_slices * num_avs * rank, d_in).to(torch.float32)
     h = (x.to(torch.float32) @ a_all.t()).view(rows, num_slices, num_avs, rank) * coef.view(rows, 1, num_avs, 1)
     b_by_out = lora_b.permute(1, 0, 2)  # [OUT, N, R]
@@ -69,6 +74,19 @@ def blend_reference(
         else:  # accumulate in float32, round once (as the kernel does)
             y_k.copy_((y_k.to(torch.float32) + delta).to(y.dtype))
         offset += width
+
+
+def blend_reference(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    av_index: torch.Tensor,
+    av_scale: torch.Tensor,
+    out_slices: list[int],
+) -> None:
+    """The op in plain torch (the oracle, and the implementation on CPU): dense over the library."""
+    blend_dense(y, x, lora_a, lora_b, mix_coefficients(av_index, av_scale, lora_a.shape[1]), out_slices)
 
 
 def _check_shapes(y, x, lora_a, lora_b, av_index, av_scale, out_slices) -> None:

@@ -9,6 +9,7 @@ unless a run has ``additional_config["av"]``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -134,10 +135,12 @@ def _install_engine_config_hook() -> None:
         if self.fully_sharded_loras:
             raise ValueError("vllm-av: --fully-sharded-loras is not supported with AV")
         if not self.enable_lora:
-            # AVs live in buffers of their own; vLLM's LoRA slots stay minimal.
+            # AVs ride on vLLM's LoRA layers but live in buffers of their own: keep vLLM's LoRA
+            # slots minimal and skip its LoRA math (stock_lora=False).
             self.enable_lora = True
             self.max_loras = 1
             self.max_lora_rank = 8
+            config = dataclasses.replace(config, stock_lora=False)
         self.additional_config = {**self.additional_config, CONFIG_KEY: config.to_dict()}
         vllm_config = original_create(self, *args, **kwargs)
         entries = library_for(config, local_model_dir(vllm_config.model_config.model))

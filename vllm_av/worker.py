@@ -29,12 +29,20 @@ logger = logging.getLogger("vllm.av")
 
 
 class AVTables:
-    """Persistent ``[max_tokens, M]`` index/scale tables read by every layer's blend op."""
+    """Persistent ``[max_tokens, M]`` index/scale tables read by every layer's blend op.
 
-    def __init__(self, max_tokens: int, max_per_request: int, device: torch.device):
+    On CPU also a dense ``coef [max_tokens, N]`` table (the sum of the scales each token gives
+    each AV), computed once per step on the host for the CPU layers, and ``active``: whether
+    the current step has any entry (CPU layers skip the blend when not; never used on CUDA,
+    where a host-side branch would break graph capture).
+    """
+
+    def __init__(self, max_tokens: int, max_per_request: int, num_avs: int, device: torch.device):
         shape = (max_tokens, max_per_request)
         self.index = torch.full(shape, -1, dtype=torch.int32, device=device)
         self.scale = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.coef = torch.zeros(max_tokens, num_avs) if self.index.device.type == "cpu" else None
+        self.active = False
         if self.index.device.type == "cpu":
             self._host = [(self.index, self.scale)]  # written in place, no copy
         else:
@@ -67,7 +75,21 @@ class AVTables:
         if host_index is not self.index:
             self.index[:rows].copy_(host_index[:rows], non_blocking=True)
             self.scale[:rows].copy_(host_scale[:rows], non_blocking=True)
+        if self.coef is not None:
+            self._write_coef(token_index, token_scale, num_tokens, rows)
         self._filled = 0 if token_index is None else num_tokens
+        self.active = token_index is not None
+
+    def _write_coef(self, token_index, token_scale, num_tokens: int, rows: int) -> None:
+        coef = self.coef.numpy()
+        coef[:rows] = 0.0
+        if token_index is not None:
+            num_avs = coef.shape[1]
+            valid = token_index >= 0
+            flat = (np.arange(num_tokens)[:, None] * num_avs + token_index)[valid]
+            coef[:num_tokens] = np.bincount(flat, weights=token_scale[valid], minlength=num_tokens * num_avs).reshape(
+                num_tokens, num_avs
+            )
 
 
 class AVWorkerState:
@@ -199,11 +221,12 @@ def install(runner, model, vllm_config, entries: Sequence[AVEntry], config: AVCo
     models = [load_lora_model(runner, entry, lora_id=i + 1) for i, entry in enumerate(entries)]
     rank = max(entry.rank for entry in entries)
     device = next(iter(model.parameters())).device
-    tables = AVTables(vllm_config.scheduler_config.max_num_batched_tokens, config.max_per_request, device)
+    tables = AVTables(vllm_config.scheduler_config.max_num_batched_tokens, config.max_per_request, len(entries), device)
     layers = 0
     for name, layer in manager.modules.items():
         if not isinstance(layer, BaseLinearLayerWithLoRA):
             continue
+        layer._av_skip_stock_lora = not config.stock_lora
         weights = [manager._get_lora_layer_weights(model, name) for model in models]
         if any(w is not None for w in weights):
             attach_layer(layer, weights, tables, rank)
