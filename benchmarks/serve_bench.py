@@ -11,9 +11,9 @@ Workloads, all on the same synthetic prompts (fixed seed):
 
 Online mode (default) drives OpenAI servers over streaming HTTP and reports, per workload,
 request/s, output tok/s, TTFT, TPOT and ITL at p50/p99 (the definitions of ``vllm bench
-serve``), errors and the exact server command lines. Workloads run in rounds, interleaved,
-and the medians over rounds are reported. It starts the servers itself on 127.0.0.1 and stops
-them by PID; with no ``--model`` it builds a tiny model and AV library (CPU demo).
+serve``), errors and the exact server command lines. Each server's workloads run in rounds, interleaved,
+and the medians over rounds are reported. It starts the servers itself on 127.0.0.1, one at a
+time, and stops them by PID; with no ``--model`` it builds a tiny model and AV library (CPU demo).
 Offline mode (``--offline``) times ``LLM.generate`` on a fixed request list (peak throughput).
 
     python benchmarks/serve_bench.py                       # tiny model, CPU, all workloads
@@ -360,25 +360,20 @@ def main(argv=None) -> dict:
     library, names, lora_dir, lora_mixes, lora_rank, build_s = prepare(args, work)
     workloads = build_workloads(args, names, lora_mixes)
     commands = server_commands(args, library, lora_dir, len(lora_mixes), lora_rank)
-    needed = {w.server for w in workloads}
-    servers = {kind: ServerProcess(commands[kind], work / f"server_{kind}.log") for kind in commands if kind in needed}
     rounds: dict[str, list[dict]] = {w.name: [] for w in workloads}
-    try:
-        for server in servers.values():  # started side by side: their start-up is mostly imports
-            server.launch()
-        for server in servers.values():
-            server.wait_ready(timeout=600)
-        for workload in workloads:  # warm-up, not recorded
-            warm = Workload(workload.name, workload.server, workload.requests[: min(8, args.concurrency)])
-            asyncio.run(run_workload(servers[workload.server].url, args.model, warm, args.concurrency, args.time_limit))
-        for _ in range(args.rounds):
-            for workload in workloads:
-                server = servers[workload.server]
-                result = asyncio.run(run_workload(server.url, args.model, workload, args.concurrency, args.time_limit))
-                rounds[workload.name].append(result)
-    finally:
-        for server in servers.values():
-            server.stop()
+    servers: dict[str, ServerProcess] = {}
+    for kind in dict.fromkeys(w.server for w in workloads):  # one server at a time: idle ones still cost CPU
+        mine = [w for w in workloads if w.server == kind]
+        servers[kind] = ServerProcess(commands[kind], work / f"server_{kind}.log")
+        with servers[kind] as server:
+            for workload in mine:  # warm-up, not recorded
+                warm = Workload(workload.name, kind, workload.requests[: min(8, args.concurrency)])
+                asyncio.run(run_workload(server.url, args.model, warm, args.concurrency, args.time_limit))
+            for _ in range(args.rounds):  # this server's workloads interleaved, round by round
+                for workload in mine:
+                    rounds[workload.name].append(
+                        asyncio.run(run_workload(server.url, args.model, workload, args.concurrency, args.time_limit))
+                    )
     online = {name: median_rounds(rs) for name, rs in rounds.items()}
     offline = run_offline(args, library, lora_dir, workloads, len(lora_mixes), lora_rank) if args.offline else {}
     report = {
@@ -386,7 +381,7 @@ def main(argv=None) -> dict:
                  "cpu_count": os.cpu_count(), "library": names, "lora_per_mix": {
                      "mixes": len(lora_mixes), "rank": lora_rank, "build_s": build_s,
                      "server_start_s": servers["lora"].start_s if "lora" in servers else None}},
-        "servers": {kind: {"command": s.command, "start_s": s.start_s} for kind, s in servers.items()},  # side by side
+        "servers": {kind: {"command": s.command, "start_s": s.start_s} for kind, s in servers.items()},
         "online": online, "online_rounds": rounds, "offline": offline,
     }
     out = Path(args.out) if args.out else RESULTS / f"serve_bench_{time.strftime('%Y-%m-%d')}.json"

@@ -75,18 +75,29 @@ class ServerProcess:
             time.sleep(1)
         raise ServerFailed(f"server not ready in {timeout:.0f} s:\n{self._log_tail()}")
 
-    def stop(self) -> None:
-        """SIGTERM the server's process group; SIGKILL it if it is still there after 30 s."""
-        if self.process is None or self.process.poll() is not None:
+    def stop(self, timeout: float = 30) -> None:
+        """SIGTERM the server's process group and wait until every process in it is gone
+        (engine core and workers outlive the API server briefly); SIGKILL what is left after ``timeout``."""
+        if self.process is None:
             return
+        group = self.process.pid
         try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+            os.killpg(group, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            self.process.poll()  # reap the leader so the group can empty
+            try:
+                os.killpg(group, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+        try:
+            os.killpg(group, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        self.process.wait()
 
     def _log_tail(self) -> str:
         return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else "(no log)"
