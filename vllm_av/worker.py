@@ -218,7 +218,7 @@ def install(runner, model, vllm_config, entries: Sequence[AVEntry], config: AVCo
     from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 
     manager = runner.lora_manager._adapter_manager
-    models = [load_lora_model(runner, entry, lora_id=i + 1) for i, entry in enumerate(entries)]
+    lora_models = [load_lora_model(runner, entry, lora_id=i + 1) for i, entry in enumerate(entries)]
     rank = max(entry.rank for entry in entries)
     device = next(iter(model.parameters())).device
     tables = AVTables(vllm_config.scheduler_config.max_num_batched_tokens, config.max_per_request, len(entries), device)
@@ -227,13 +227,13 @@ def install(runner, model, vllm_config, entries: Sequence[AVEntry], config: AVCo
         if not isinstance(layer, BaseLinearLayerWithLoRA):
             continue
         layer._av_skip_stock_lora = not config.stock_lora
-        weights = [manager._get_lora_layer_weights(model, name) for model in models]
+        weights = [manager._get_lora_layer_weights(lora_model, name) for lora_model in lora_models]
         if any(w is not None for w in weights):
             attach_layer(layer, weights, tables, rank)
             layers += 1
     if layers == 0:
         raise ValueError("vllm-av: no AV in the library matches a LoRA-capable layer of this model")
-    impl = vllm_av.ops.cuda_impl_name() if device.type == "cuda" else "reference (torch)"
+    impl = vllm_av.ops.cuda_impl_name() if device.type == "cuda" else "dense torch (CPU)"
     logger.info(
         "vllm-av: %d AVs (max rank %d) on %d layers; up to %d per request; blend implementation: %s",
         len(entries), rank, layers, config.max_per_request, impl,
