@@ -228,9 +228,11 @@ def prepare(args, work: Path) -> tuple[Path, list[str], Path, list[dict], int, f
     from vllm_av.library import load_library
     from vllm_av.config import AVConfig
     from vllm_av.materialize import materialize_mix
+    from vllm_av.testing import build_demo
 
-    if args.model is None:
-        args.model, args.av_path = build_tiny_setup(work / "tiny", args.num_avs)
+    if args.model is None:  # the tiny CPU setup: a random Llama and num_avs rank-4 AVs
+        model, library = build_demo(work / "tiny", avs={f"av{i}": 100 + i for i in range(args.num_avs)})
+        args.model, args.av_path = str(model), str(library)
     library = Path(args.av_path)
     entries = load_library(str(library), AVConfig(path=str(library)))
     names = [Path(e.path).name for e in entries]
@@ -245,22 +247,6 @@ def prepare(args, work: Path) -> tuple[Path, list[str], Path, list[dict], int, f
     lora_rank = max(sum(rank_by_av[n] for n in mix) for mix in mixes)
     lora_rank = next(r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= lora_rank)
     return library, names, lora_dir, mixes, lora_rank, build_s
-
-
-def build_tiny_setup(root: Path, num_avs: int) -> tuple[str, str]:
-    """Tiny random Llama + ``num_avs`` extracted AVs (rank 4) for the CPU demo run."""
-    from vllm_av.extract import extract
-    from vllm_av.testing import build_tiny_model, make_aligned_variant
-
-    model = root / "model"
-    if not (model / "config.json").is_file():
-        build_tiny_model(model)
-    for i in range(num_avs):
-        out = root / "avs" / f"av{i}"
-        if not (out / "av.json").is_file():
-            aligned = make_aligned_variant(model, root / "aligned" / f"av{i}", seed=100 + i)
-            extract(model, aligned, out, rank=4, force=True, progress=False)
-    return str(model), str(root / "avs")
 
 
 def markdown_table(online: dict, offline: dict) -> str:

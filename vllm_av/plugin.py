@@ -51,7 +51,8 @@ def library_for(config: AVConfig, model_dir: str | None) -> list:
     """Validate and load the AV library once per process (cached)."""
     from vllm_av.library import load_library
 
-    key = (config.path, model_dir)
+    # Everything load_library's checks depend on (not max_per_request/max_abs_scale/stock_lora).
+    key = (config.path, config.max_rank, config.max_name_length, config.lenient, model_dir)
     if key not in _libraries:
         _libraries[key] = load_library(config.path, config, model_dir=model_dir)
     return _libraries[key]

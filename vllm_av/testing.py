@@ -185,9 +185,12 @@ def merged_model(base_dir: str | Path, library_dir: str | Path, mix: dict[str, f
 DEMO_AVS = {"alpha": 1, "beta": 2, "gamma": 3}  # AV name -> seed of its perturbation
 
 
-def build_demo(root: str | Path, *, rank: int = 4, progress: bool = False) -> tuple[Path, Path]:
-    """Build the tiny base model and a library of three AVs under ``root``; return (model, library).
+def build_demo(
+    root: str | Path, *, avs: dict[str, int] = DEMO_AVS, rank: int = 4, progress: bool = False
+) -> tuple[Path, Path]:
+    """Build the tiny base model and a library of AVs under ``root``; return (model, library).
 
+    ``avs`` maps AV names to the seeds of their perturbations (default: alpha, beta, gamma).
     Each AV is extracted (``vllm-av extract``) from the base and a perturbed "aligned" copy.
     Reuses what an earlier call left in ``root``.
     """
@@ -198,7 +201,7 @@ def build_demo(root: str | Path, *, rank: int = 4, progress: bool = False) -> tu
     library = root / "avs"
     if not (base / "config.json").is_file():
         build_tiny_model(base)
-    for name, seed in DEMO_AVS.items():
+    for name, seed in avs.items():
         if (library / name / "av.json").is_file():
             continue
         aligned = make_aligned_variant(base, root / "aligned" / name, seed=seed, rank=rank)
