@@ -36,7 +36,7 @@ def test_huge_list_or_dict_mix_is_refused_before_it_is_walked(spec):
 
 def test_worker_forgets_finished_requests_when_few_mixes_are_in_use():
     """With one mix in use the mix pool never fills; finished requests must still be forgotten."""
-    state = make_state(max_live=4)
+    state = make_state(dense=False, max_live=4)
     for i in range(5000):
         state.update([f"r{i}"], np.array([3]), requests({f"r{i}": {"a": 0.5}}))
         assert state.tables.index[0].tolist() == [0, -1, -1]

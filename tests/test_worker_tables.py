@@ -11,12 +11,20 @@ from vllm_av.library import AVEntry
 from vllm_av.worker import AVTables, AVWorkerState
 
 NAMES = ["a", "b", "c", "d"]
+RANK = 2
 
 
-def make_state(max_tokens=64, m=3, max_live=4):
-    entries = [AVEntry(name=n, path=f"/lib/{n}", rank=4, modules=()) for n in NAMES]
+@pytest.fixture(params=[False, True], ids=["op_tables", "dense_tables"])
+def dense(request):
+    """Every test runs on both table forms: the op's index/scale (CUDA) and the dense CPU one."""
+    return request.param
+
+
+def make_state(dense, max_tokens=64, m=3, max_live=4):
+    entries = [AVEntry(name=n, path=f"/lib/{n}", rank=RANK, modules=()) for n in NAMES]
     config = AVConfig(path="/lib", max_per_request=m)
-    return AVWorkerState(entries, config, AVTables(max_tokens, m, len(NAMES), torch.device("cpu")), max_live)
+    tables = AVTables(max_tokens, m, len(NAMES), RANK, torch.device("cpu"), dense=dense)
+    return AVWorkerState(entries, config, tables, max_live)
 
 
 def requests(mixes, forms=None):
@@ -40,25 +48,34 @@ def expected_rows(mix, m):
 
 def check(state, reqs, order, counts):
     state.update(order, np.array(counts), reqs)
-    m = state.config.max_per_request
+    tables, m = state.tables, state.config.max_per_request
     row = 0
     for rid, n in zip(order, counts):
         idx, scale = expected_rows(reqs[rid].mix, m)
         coef = [0.0] * len(NAMES)
         for name, s in (reqs[rid].mix or {}).items():
             coef[NAMES.index(name)] += s
+        coef_rank = [c for c in coef for _ in range(RANK)]
         for _ in range(n):
-            assert state.tables.index[row].tolist() == idx
-            assert state.tables.scale[row].tolist() == pytest.approx(scale)
-            assert state.tables.coef[row].tolist() == pytest.approx(coef)  # the CPU layers' dense form
+            if tables.dense:
+                assert tables.coef_rank[row].tolist() == pytest.approx(coef_rank)
+            else:
+                assert tables.index[row].tolist() == idx
+                assert tables.scale[row].tolist() == pytest.approx(scale)
             row += 1
-    assert (state.tables.index[row:] == -1).all(), "rows past the batch must hold no entries"
-    assert (state.tables.coef[row:] == 0).all()
-    assert state.tables.active == any(reqs[rid].mix for rid in order)
+    if tables.dense:
+        assert (tables.coef_rank[row:] == 0).all(), "rows past the batch must hold no entries"
+    else:
+        assert (tables.index[row:] == -1).all(), "rows past the batch must hold no entries"
+    assert tables.active == any(reqs[rid].mix for rid in order)
 
 
-def test_rows_follow_requests_and_stale_rows_are_cleared():
-    state = make_state()
+def no_entries(tables, rows=slice(None)):
+    return (tables.coef_rank[rows] == 0).all() if tables.dense else (tables.index[rows] == -1).all()
+
+
+def test_rows_follow_requests_and_stale_rows_are_cleared(dense):
+    state = make_state(dense)
     reqs = requests(
         {"r1": {"a": 0.5}, "r2": None, "r3": {"b": 2.0, "c": -1.25}, "r4": {"a": -0.5, "d": 1.0}},
         forms={"r3": [["c", -1.25], ["b", 2.0]], "r4": "d:1,a:-0.5"},
@@ -66,18 +83,19 @@ def test_rows_follow_requests_and_stale_rows_are_cleared():
     check(state, reqs, ["r1", "r2", "r3", "r4"], [5, 1, 7, 2])
     check(state, reqs, ["r3", "r1"], [1, 1])  # a smaller decode step: rows 2.. must be cleared
     check(state, reqs, ["r2"], [3])  # only plain rows: every row cleared
-    assert (state.tables.index == -1).all()
+    assert no_entries(state.tables)
 
 
-def test_plain_batches_do_no_work():
-    state = make_state()
-    state.tables.index.fill_(7)  # poison: an update that writes would clear it
+def test_plain_batches_do_no_work(dense):
+    state = make_state(dense)
+    table = state.tables.coef_rank if dense else state.tables.index
+    table.fill_(7)  # poison: an update that writes would clear it
     state.update(["x"], np.array([4]), requests({"x": None}))
-    assert (state.tables.index == 7).all()
+    assert (table == 7).all()
 
 
-def test_many_requests_recycle_the_mix_pool():
-    state = make_state(max_live=1)  # pool capacity 64 distinct mixes
+def test_many_requests_recycle_the_mix_pool(dense):
+    state = make_state(dense, max_live=1)  # pool capacity 64 distinct mixes
     rng = np.random.default_rng(0)
     live = {}
     for step in range(300):
@@ -91,14 +109,14 @@ def test_many_requests_recycle_the_mix_pool():
     assert len(state._mix_row) <= 64 + 2
 
 
-def test_invalid_mix_reaching_the_worker_is_served_plain():
-    state = make_state()
+def test_invalid_mix_reaching_the_worker_is_served_plain(dense):
+    state = make_state(dense)
     reqs = requests({"r": "zzz:1"})
     state.update(["r"], np.array([2]), reqs)
-    assert (state.tables.index[:2] == -1).all()
+    assert no_entries(state.tables, slice(0, 2))
 
 
-def test_table_overflow_is_an_error():
-    state = make_state(max_tokens=4)
+def test_table_overflow_is_an_error(dense):
+    state = make_state(dense, max_tokens=4)
     with pytest.raises(ValueError, match="exceed the AV table size"):
         state.update(["r"], np.array([5]), requests({"r": {"a": 1.0}}))

@@ -1,17 +1,22 @@
 """Worker-side patches: load the library after LoRA wrapping, fill tables per step, blend per layer.
 
-Three class-level wraps, each a no-op for runs without ``additional_config["av"]``:
+Class-level wraps, each a no-op for runs without ``additional_config["av"]``:
 
 * ``LoRAModelRunnerMixin.load_lora_model`` -- after vLLM wraps the linear layers, load the
   AVs into buffers of their own (before profiling, compilation and CUDA-graph capture).
 * ``LoRAModelRunnerMixin.set_active_loras`` -- the classic runner's per-step LoRA mapping
-  (``_prepare_inputs``); right after it, fill the AV tables for the same batch.
+  (``_prepare_inputs``); right after it, fill the AV tables for the same batch. When LoRA is
+  on only to carry the AVs (stock LoRA off), vLLM's own mapping is not built at all.
 * ``BaseLinearLayerWithLoRA._apply_lora_to_output`` -- after the stock LoRA add, run
   ``torch.ops.vllm_av.blend_`` on layers that hold AV weights. The op is launched on every
   forward, whatever the batch holds, so CUDA-graph capture never drops it. On CPU, where vLLM
-  neither compiles nor captures a LoRA model, layers call the op's dense math directly with the
-  step's coefficient table (the custom-op dispatcher alone costs ~25 us a call) and skip steps
-  without entries.
+  neither compiles nor captures a LoRA model, layers call the op's dense math directly
+  (:class:`~vllm_av.cpu_blend.CPUBlend`, weights laid out for it at load time) with the step's
+  coefficient table (the custom-op dispatcher alone costs ~25 us a call) and skip steps without
+  entries.
+* ``VocabParallelEmbeddingWithLoRA.forward``, ``LogitsProcessorWithLoRA._get_logits`` -- with
+  stock LoRA off, the embedding and the logits run as in vanilla vLLM (every wrapped layer
+  skips its empty stock LoRA math, so an AV server costs nothing extra without mixes).
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ from __future__ import annotations
 import torch
 
 from vllm_av.config import av_config_from
-from vllm_av.ops import blend_dense
 
 
 def _install_runner_hooks() -> None:
@@ -40,11 +44,11 @@ def _install_runner_hooks() -> None:
         return model
 
     def set_active_loras(self, input_batch, num_scheduled_tokens, *args, **kwargs):
-        result = original_set(self, input_batch, num_scheduled_tokens, *args, **kwargs)
         state = getattr(self, "_vllm_av", None)
+        if state is None or state.needs_lora_mapping:
+            original_set(self, input_batch, num_scheduled_tokens, *args, **kwargs)
         if state is not None:
             state.update(input_batch.req_ids, num_scheduled_tokens, self.requests)
-        return result
 
     LoRAModelRunnerMixin.load_lora_model = load_lora_model
     LoRAModelRunnerMixin.set_active_loras = set_active_loras
@@ -56,28 +60,50 @@ def _install_layer_hook() -> None:
     original = BaseLinearLayerWithLoRA._apply_lora_to_output
 
     def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        if not getattr(self, "_av_skip_stock_lora", False):  # fixed per layer, like _av_a
+        if not getattr(self, "_av_skip_stock_lora", False):  # fixed per layer, like _av_tables
             output = original(self, x, output)
-        lora_a = getattr(self, "_av_a", None)  # fixed per layer: a constant to the compiler
-        if lora_a is None:
+        tables = getattr(self, "_av_tables", None)  # fixed per layer: a constant to the compiler
+        if tables is None:
             return output
         y = output.flatten(0, 1) if output.ndim == 3 else output
         x2d = x.flatten(0, 1) if x.ndim == 3 else x
-        tables = self._av_tables
         num_tokens = y.shape[0]
-        if tables.coef is not None:  # CPU: nothing is compiled or captured; per-step dense coefficients
+        if tables.coef_rank is not None:  # CPU: nothing is compiled or captured; per-step dense coefficients
             if tables.active:
-                blend_dense(y, x2d, lora_a, self._av_b, tables.coef[:num_tokens], self._av_slices)
+                self._av_cpu_blend(y, x2d, tables.coef_rank[:num_tokens])
         else:
             torch.ops.vllm_av.blend_(
-                y, x2d, lora_a, self._av_b, tables.index[:num_tokens], tables.scale[:num_tokens], self._av_slices
+                y, x2d, self._av_a, self._av_b, tables.index[:num_tokens], tables.scale[:num_tokens], self._av_slices
             )
         return output
 
     BaseLinearLayerWithLoRA._apply_lora_to_output = _apply_lora_to_output
 
 
+def _install_stock_lora_skips() -> None:
+    """Embedding and logits LoRA wrappers run their base layer alone when stock LoRA is off."""
+    from vllm.lora.layers.logits_processor import LogitsProcessorWithLoRA
+    from vllm.lora.layers.vocab_parallel_embedding import VocabParallelEmbeddingWithLoRA
+
+    original_embedding = VocabParallelEmbeddingWithLoRA.forward
+    original_logits = LogitsProcessorWithLoRA._get_logits
+
+    def embedding_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "_av_skip_stock_lora", False):
+            return self.base_layer.forward(x)
+        return original_embedding(self, x)
+
+    def _get_logits(self, hidden_states, lm_head, *args, **kwargs):
+        if getattr(self, "_av_skip_stock_lora", False):
+            return self.base_layer._get_logits(hidden_states, getattr(lm_head, "base_layer", lm_head), *args, **kwargs)
+        return original_logits(self, hidden_states, lm_head, *args, **kwargs)
+
+    VocabParallelEmbeddingWithLoRA.forward = embedding_forward
+    LogitsProcessorWithLoRA._get_logits = _get_logits
+
+
 def install() -> None:
     """Install the runner and layer hooks (called once per process by ``plugin.register``)."""
     _install_runner_hooks()
     _install_layer_hook()
+    _install_stock_lora_skips()

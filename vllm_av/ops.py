@@ -10,15 +10,16 @@ Tensor layout (shared by every implementation):
 * ``x``         ``[T, in]``
 * ``lora_a``    ``[S, N, R, in]``  -- one A per slice ``k`` and library entry ``i``
 * ``lora_b``    ``[N, sum(out_slices), R]`` -- the slices' B stacked along the output dim (any
-  strides with unit stride along R; the plugin stores it physically as ``[OUT, N, R]`` on CPU)
+  strides with unit stride along R)
 * ``av_index``  ``int32 [T, M]``
 * ``av_scale``  ``float32 [T, M]``
 * ``out_slices`` the output width of each of the ``S`` slices
 
 AVs of a smaller rank are zero-padded to ``R``. Accumulation is in float32.
 
-Implementations: :func:`blend_reference` (pure torch, dense, no data-dependent shapes; used on
-CPU and as the oracle) and the fused Triton kernel in :mod:`vllm_av.kernels` on CUDA. Which one
+Implementations: :func:`blend_reference` (pure torch, dense, no data-dependent shapes; the
+oracle), its pre-laid-out form :func:`blend_scaled_ranks` (weights from :func:`dense_weights`;
+what CPU layers run, through :class:`vllm_av.cpu_blend.CPUBlend`) and the fused Triton kernel in :mod:`vllm_av.kernels` on CUDA. Which one
 runs on CUDA is chosen once by :func:`cuda_impl_name` and logged.
 """
 
@@ -44,36 +45,42 @@ def mix_coefficients(av_index: torch.Tensor, av_scale: torch.Tensor, num_avs: in
     return coef.scatter_add_(1, torch.where(valid, av_index, 0).long(), torch.where(valid, av_scale, 0.0))
 
 
-def blend_dense(
-    y: torch.Tensor,
-    x: torch.Tensor,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    coef: torch.Tensor,
-    out_slices: list[int],
-) -> None:
-    """``y += sum_n coef[:, n] * B_n (A_n x)``: every AV for every row, weighted by ``coef [T, N]``.
+def dense_weights(lora_a: torch.Tensor, lora_b: torch.Tensor, out_slices: list[int]):
+    """The op's weights in the dense CPU form: ``(a_cat, b_cat)``, float32 and contiguous.
 
-    A handful of ops whatever the batch holds (no data-dependent shapes). Fastest when ``lora_b``
-    is physically ``[OUT, N, R]`` (a permuted view), so each slice of B is a free reshape.
+    ``a_cat [S*N*R, in]`` stacks every slice's A of every AV; ``b_cat [S*N*R, OUT]`` is the
+    slices' B transposed, block-diagonal (slice ``k``'s ranks only feed slice ``k``'s outputs),
+    so a linear's whole blend is two GEMMs and one scaling, however many slices it has.
     """
     num_slices, num_avs, rank, d_in = lora_a.shape
+    a_cat = lora_a.reshape(num_slices * num_avs * rank, d_in).to(torch.float32).contiguous()
+    b_cat = torch.zeros(num_slices, num_avs * rank, sum(out_slices), dtype=torch.float32, device=lora_b.device)
+    offset = 0
+    for k, width in enumerate(out_slices):
+        b_k = lora_b[:, offset : offset + width].permute(1, 0, 2).reshape(width, num_avs * rank)
+        b_cat[k, :, offset : offset + width] = b_k.t()
+        offset += width
+    return a_cat, b_cat.reshape(num_slices * num_avs * rank, -1)
+
+
+def blend_scaled_ranks(
+    y: torch.Tensor, x: torch.Tensor, a_cat: torch.Tensor, b_cat: torch.Tensor, coef_rank: torch.Tensor
+) -> None:
+    """``y += ((x @ a_cat.T) * coef_rank) @ b_cat``: every AV for every row, weighted per row.
+
+    Weights as :func:`dense_weights` returns them; ``coef_rank [T, N*R]`` is ``coef[t, n]``
+    repeated over the ``R`` ranks of AV ``n`` (the same for every slice). Three ops per linear
+    whatever the batch holds (no data-dependent shapes); accumulates in float32, rounds once.
+    """
     rows = y.shape[0]
     if rows == 0:
         return
-    a_all = lora_a.reshape(num_slices * num_avs * rank, d_in).to(torch.float32)
-    h = (x.to(torch.float32) @ a_all.t()).view(rows, num_slices, num_avs, rank) * coef.view(rows, 1, num_avs, 1)
-    b_by_out = lora_b.permute(1, 0, 2)  # [OUT, N, R]
-    offset = 0
-    for k, width in enumerate(out_slices):
-        b_k = b_by_out[offset : offset + width].reshape(width, num_avs * rank).to(torch.float32)
-        delta = h[:, k].reshape(rows, num_avs * rank) @ b_k.t()
-        y_k = y[:, offset : offset + width]
-        if y.dtype == torch.float32:
-            y_k.add_(delta)
-        else:  # accumulate in float32, round once (as the kernel does)
-            y_k.copy_((y_k.to(torch.float32) + delta).to(y.dtype))
-        offset += width
+    h = torch.mm(x.to(torch.float32), a_cat.t())
+    h.view(rows, -1, coef_rank.shape[1]).mul_(coef_rank.unsqueeze(1))
+    if y.dtype == torch.float32:
+        y.addmm_(h, b_cat)
+    else:
+        y.copy_(torch.addmm(y.to(torch.float32), h, b_cat).to(y.dtype))
 
 
 def blend_reference(
@@ -85,8 +92,10 @@ def blend_reference(
     av_scale: torch.Tensor,
     out_slices: list[int],
 ) -> None:
-    """The op in plain torch (the oracle, and the implementation on CPU): dense over the library."""
-    blend_dense(y, x, lora_a, lora_b, mix_coefficients(av_index, av_scale, lora_a.shape[1]), out_slices)
+    """The op in plain torch (the oracle): dense over the library, weighted by each row's coefficients."""
+    coef = mix_coefficients(av_index, av_scale, lora_a.shape[1])
+    a_cat, b_cat = dense_weights(lora_a, lora_b, out_slices)
+    blend_scaled_ranks(y, x, a_cat, b_cat, coef.repeat_interleave(lora_a.shape[2], dim=1))
 
 
 def _check_shapes(y, x, lora_a, lora_b, av_index, av_scale, out_slices) -> None:

@@ -2,14 +2,16 @@
 
 After vLLM wraps the model's linear layers for LoRA, :func:`install` loads every AV of the
 library with vLLM's own LoRA loader (so q/k/v and gate/up packing, alpha/r folding and
-tensor-parallel slicing are vLLM's) into per-layer buffers ``_av_a [S, N, R, in]`` and
-``_av_b [N, OUT, R]``. They are separate from vLLM's LoRA slots, which vLLM wipes after
-warm-up, and keep fixed addresses for CUDA graphs.
+tensor-parallel slicing are vLLM's) into per-layer buffers: on CUDA ``_av_a [S, N, R, in]`` and
+``_av_b [N, OUT, R]`` for the blend op, on CPU the same weights laid out for the dense path
+(:class:`vllm_av.cpu_blend.CPUBlend`). They are separate from vLLM's LoRA slots, which vLLM wipes
+after warm-up, and keep fixed addresses for CUDA graphs.
 
 Each step, :meth:`AVWorkerState.update` fills the persistent tables ``index/scale [T, M]``
 (entry ``m`` of token row ``t``: library index, -1 = none, and scale) from the batch's
-requests, with vectorised numpy over requests (never a Python loop over tokens). Every
-wrapped layer then runs ``torch.ops.vllm_av.blend_`` unconditionally.
+requests, with vectorised numpy over requests (never a Python loop over tokens); on CPU also
+the dense ``coef_rank`` table. Every wrapped CUDA layer then runs ``torch.ops.vllm_av.blend_``
+unconditionally.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-import vllm_av.ops  # noqa: F401  (registers torch.ops.vllm_av.blend_)
+import vllm_av.ops  # registers torch.ops.vllm_av.blend_
 from vllm_av.config import AVConfig
+from vllm_av.cpu_blend import CPUBlend, cpu_gemm_backend
 from vllm_av.library import AVEntry
 from vllm_av.mix import MixError, parse_mix
 
@@ -29,21 +32,33 @@ logger = logging.getLogger("vllm.av")
 
 
 class AVTables:
-    """Persistent ``[max_tokens, M]`` index/scale tables read by every layer's blend op.
+    """Persistent per-token tables read by every AV layer, in one of two forms.
 
-    On CPU also a dense ``coef [max_tokens, N]`` table (the sum of the scales each token gives
-    each AV), computed once per step on the host for the CPU layers, and ``active``: whether
-    the current step has any entry (CPU layers skip the blend when not; never used on CUDA,
-    where a host-side branch would break graph capture).
+    * op form (CUDA): ``index/scale [max_tokens, M]``, read by ``torch.ops.vllm_av.blend_``.
+    * dense form (CPU, ``dense=True``): ``coef_rank [max_tokens, N*rank]``, the sum of the scales
+      each token gives each AV, repeated over the AV's ``rank`` columns (what
+      :func:`vllm_av.ops.blend_scaled_ranks` reads), and ``active``: whether the step has any
+      entry, so CPU layers skip steps without mixes (never used on CUDA, where a host-side
+      branch would break graph capture).
     """
 
-    def __init__(self, max_tokens: int, max_per_request: int, num_avs: int, device: torch.device):
+    def __init__(
+        self, max_tokens: int, max_per_request: int, num_avs: int, rank: int, device: torch.device,
+        dense: bool | None = None,
+    ):
+        device = torch.device(device)
+        self.dense = device.type == "cpu" if dense is None else dense
+        self.max_tokens = max_tokens
+        self.active = False
+        self._filled = 0  # rows that may hold entries from the last update
+        if self.dense:
+            self.coef_rank = torch.zeros(max_tokens, num_avs * rank)
+            return
+        self.coef_rank = None
         shape = (max_tokens, max_per_request)
         self.index = torch.full(shape, -1, dtype=torch.int32, device=device)
         self.scale = torch.zeros(shape, dtype=torch.float32, device=device)
-        self.coef = torch.zeros(max_tokens, num_avs) if self.index.device.type == "cpu" else None
-        self.active = False
-        if self.index.device.type == "cpu":
+        if device.type == "cpu":
             self._host = [(self.index, self.scale)]  # written in place, no copy
         else:
             # Two pinned staging buffers, alternated, so an in-flight copy is never overwritten.
@@ -52,15 +67,20 @@ class AVTables:
                 for _ in range(2)
             ]
         self._turn = 0
-        self._filled = 0  # rows that may hold entries from the last update
+
+    def _rows_to_write(self, has_entries: bool, num_tokens: int) -> int:
+        if num_tokens > self.max_tokens:
+            raise ValueError(f"{num_tokens} tokens exceed the AV table size {self.max_tokens}")
+        rows = max(num_tokens, self._filled)
+        self._filled = num_tokens if has_entries else 0
+        self.active = has_entries
+        return rows
 
     def write(self, token_index: np.ndarray | None, token_scale: np.ndarray | None, num_tokens: int) -> None:
-        """Set rows ``[:num_tokens]`` (None = no entries) and clear rows left from the last step."""
+        """Op form: set rows ``[:num_tokens]`` (None = no entries); clear rows left from the last step."""
         if token_index is None and self._filled == 0:
             return
-        if num_tokens > self.index.shape[0]:
-            raise ValueError(f"{num_tokens} tokens exceed the AV table size {self.index.shape[0]}")
-        rows = max(num_tokens, self._filled)
+        rows = self._rows_to_write(token_index is not None, num_tokens)
         host_index, host_scale = self._host[self._turn]
         self._turn = (self._turn + 1) % len(self._host)
         hi, hs = host_index.numpy(), host_scale.numpy()
@@ -75,21 +95,19 @@ class AVTables:
         if host_index is not self.index:
             self.index[:rows].copy_(host_index[:rows], non_blocking=True)
             self.scale[:rows].copy_(host_scale[:rows], non_blocking=True)
-        if self.coef is not None:
-            self._write_coef(token_index, token_scale, num_tokens, rows)
-        self._filled = 0 if token_index is None else num_tokens
-        self.active = token_index is not None
 
-    def _write_coef(self, token_index, token_scale, num_tokens: int, rows: int) -> None:
-        coef = self.coef.numpy()
-        coef[:rows] = 0.0
-        if token_index is not None:
-            num_avs = coef.shape[1]
-            valid = token_index >= 0
-            flat = (np.arange(num_tokens)[:, None] * num_avs + token_index)[valid]
-            coef[:num_tokens] = np.bincount(flat, weights=token_scale[valid], minlength=num_tokens * num_avs).reshape(
-                num_tokens, num_avs
-            )
+    def write_dense(self, pool_coef: torch.Tensor, token_rows: np.ndarray | None, num_tokens: int) -> None:
+        """Dense form: row ``t`` = ``pool_coef[token_rows[t]]`` (None = no entries); clear the rest."""
+        if token_rows is None and self._filled == 0:
+            return
+        rows = self._rows_to_write(token_rows is not None, num_tokens)
+        if token_rows is not None:
+            torch.index_select(pool_coef, 0, torch.from_numpy(token_rows), out=self.coef_rank[:num_tokens])
+            num_written = num_tokens
+        else:
+            num_written = 0
+        if rows > num_written:
+            self.coef_rank[num_written:rows] = 0.0
 
 
 class AVWorkerState:
@@ -99,14 +117,18 @@ class AVWorkerState:
         self.config = config
         self.tables = tables
         self.name_to_index = {entry.name: i for i, entry in enumerate(entries)}
+        self.needs_lora_mapping = True  # whether vLLM's own per-step LoRA mapping must still be built
         self._capacity = max(4 * max_live_mixes, 64)  # > 2x the live requests: room after compaction
         self._reset_pool()
 
     def _reset_pool(self) -> None:
         m = self.config.max_per_request
-        # Pool row 0 is the empty mix; each distinct mix in use gets one row.
+        # Pool row 0 is the empty mix; each distinct mix in use gets one row, in the tables' form.
         self._pool_index = np.full((self._capacity + 1, m), -1, dtype=np.int32)
         self._pool_scale = np.zeros((self._capacity + 1, m), dtype=np.float32)
+        if self.tables.dense:  # numpy for cheap per-entry writes; the tables read it as a tensor
+            self._pool_coef = np.zeros((self._capacity + 1, self.tables.coef_rank.shape[1]), dtype=np.float32)
+            self._pool_coef_tensor = torch.from_numpy(self._pool_coef)
         self._mix_row: dict[tuple, int] = {(): 0}
         self._req_row: dict[str, int] = {}
 
@@ -118,6 +140,10 @@ class AVWorkerState:
             for m, (name, scale) in enumerate(mix):
                 self._pool_index[row, m] = self.name_to_index[name]
                 self._pool_scale[row, m] = scale
+            if self.tables.dense:
+                coef = self._pool_coef[row].reshape(len(self.name_to_index), -1)
+                for name, scale in mix:
+                    coef[self.name_to_index[name]] += scale
         return row
 
     def _resolve(self, req_id: str, requests: dict) -> int:
@@ -154,11 +180,13 @@ class AVWorkerState:
             count=len(req_ids),
         )
         num_tokens = int(num_scheduled_tokens.sum())
-        if not rows.any():
+        token_rows = np.repeat(rows, num_scheduled_tokens) if rows.any() else None
+        if self.tables.dense:
+            self.tables.write_dense(self._pool_coef_tensor, token_rows, num_tokens)
+        elif token_rows is None:
             self.tables.write(None, None, num_tokens)
-            return
-        token_rows = np.repeat(rows, num_scheduled_tokens)
-        self.tables.write(self._pool_index[token_rows], self._pool_scale[token_rows], num_tokens)
+        else:
+            self.tables.write(self._pool_index[token_rows], self._pool_scale[token_rows], num_tokens)
 
 
 def attach_layer(layer, weights: list, tables: AVTables, rank: int) -> None:
@@ -178,12 +206,13 @@ def attach_layer(layer, weights: list, tables: AVTables, rank: int) -> None:
                 layer.set_lora(k, w.lora_a, w.lora_b)
     finally:
         layer.lora_a_stacked, layer.lora_b_stacked = saved
-    layer._av_a = torch.stack([a[:, 0] for a in stacks_a]).contiguous()
+    lora_a = torch.stack([a[:, 0] for a in stacks_a]).contiguous()  # [S, N, R, in]
     lora_b = torch.cat([b[:, 0] for b in stacks_b], dim=1)  # [N, OUT, R], what the CUDA kernel reads best
-    if device.type == "cpu":  # the torch reference reads B per output slice: store it [OUT, N, R]
-        lora_b = lora_b.permute(1, 0, 2).contiguous().permute(1, 0, 2)
-    layer._av_b = lora_b
-    layer._av_slices = [b.shape[2] for b in stacks_b]
+    slices = [b.shape[2] for b in stacks_b]
+    if device.type == "cpu":  # laid out once for the dense path the CPU layers call
+        layer._av_cpu_blend = CPUBlend(lora_a, lora_b, slices)
+    else:
+        layer._av_a, layer._av_b, layer._av_slices = lora_a, lora_b, slices
     layer._av_tables = tables
 
 
@@ -216,26 +245,34 @@ def load_lora_model(runner, entry: AVEntry, lora_id: int):
 def install(runner, model, vllm_config, entries: Sequence[AVEntry], config: AVConfig) -> AVWorkerState:
     """Load the library into ``model`` (LoRA-wrapped by ``runner``); return the runner's AV state."""
     from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+    from vllm.lora.layers.logits_processor import LogitsProcessorWithLoRA
+    from vllm.lora.layers.vocab_parallel_embedding import VocabParallelEmbeddingWithLoRA
 
     manager = runner.lora_manager._adapter_manager
     lora_models = [load_lora_model(runner, entry, lora_id=i + 1) for i, entry in enumerate(entries)]
     rank = max(entry.rank for entry in entries)
     device = next(iter(model.parameters())).device
-    tables = AVTables(vllm_config.scheduler_config.max_num_batched_tokens, config.max_per_request, len(entries), device)
+    max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
+    tables = AVTables(max_tokens, config.max_per_request, len(entries), rank, device)
     layers = 0
     for name, layer in manager.modules.items():
+        layer._av_skip_stock_lora = not config.stock_lora  # read by the layer hooks
         if not isinstance(layer, BaseLinearLayerWithLoRA):
             continue
-        layer._av_skip_stock_lora = not config.stock_lora
         weights = [manager._get_lora_layer_weights(lora_model, name) for lora_model in lora_models]
         if any(w is not None for w in weights):
             attach_layer(layer, weights, tables, rank)
             layers += 1
     if layers == 0:
         raise ValueError("vllm-av: no AV in the library matches a LoRA-capable layer of this model")
-    impl = vllm_av.ops.cuda_impl_name() if device.type == "cuda" else "dense torch (CPU)"
+    impl = vllm_av.ops.cuda_impl_name() if device.type == "cuda" else f"dense, {cpu_gemm_backend()} GEMMs (CPU)"
     logger.info(
         "vllm-av: %d AVs (max rank %d) on %d layers; up to %d per request; blend implementation: %s",
         len(entries), rank, layers, config.max_per_request, impl,
     )
-    return AVWorkerState(entries, config, tables, vllm_config.scheduler_config.max_num_seqs)
+    state = AVWorkerState(entries, config, tables, vllm_config.scheduler_config.max_num_seqs)
+    # Without stock LoRA, and when the hooks skip the LoRA math of every wrapped layer kind,
+    # nothing reads vLLM's per-step LoRA mapping: the runner hook stops building it.
+    skippable = (BaseLinearLayerWithLoRA, LogitsProcessorWithLoRA, VocabParallelEmbeddingWithLoRA)
+    state.needs_lora_mapping = config.stock_lora or not all(isinstance(m, skippable) for m in manager.modules.values())
+    return state
