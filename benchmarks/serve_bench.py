@@ -3,6 +3,7 @@
 Workloads, all on the same synthetic prompts (fixed seed):
 
 * ``base``          no AV, on vanilla vLLM (no plugin, no LoRA)
+* ``av-server-base`` the same requests, no mix, on the AV server (what the plugin costs by itself)
 * ``av-distinct``   every request its own random mix of K AVs with random real scales
 * ``av-same``       every request the same mix
 * ``lora-per-mix``  what users do today: each distinct mix materialised offline as its own LoRA
@@ -80,6 +81,7 @@ def build_workloads(args, names: list[str], lora_mixes: list[dict]) -> list[Work
     distinct = [random_mix(rng, names, args.k, args.max_abs_scale) for _ in prompts]
     workloads = [
         Workload("base", "vanilla", [{"prompt": p, **common} for p in prompts]),
+        Workload("av-server-base", "av", [{"prompt": p, **common} for p in prompts]),
         Workload("av-distinct", "av", [{"prompt": p, "vllm_xargs": {"av": mix_text(m)}, **common}
                                        for p, m in zip(prompts, distinct)]),
         Workload("av-same", "av", [{"prompt": p, "vllm_xargs": {"av": mix_text(same)}, **common} for p in prompts]),
@@ -182,10 +184,31 @@ def summarize(results: list[dict], duration: float) -> dict:
 # --------------------------------------------------------------------------- offline
 
 
-def run_offline(args, library: Path, lora_dir: Path, workloads: list[Workload], n_mixes: int, lora_rank: int) -> dict:
-    """Peak throughput: ``LLM.generate`` over each workload's request list, one engine per server kind."""
-    from vllm import LLM, SamplingParams
+def offline_inputs(workload: Workload, lora_dir: Path) -> tuple[list, list, list]:
+    """``LLM.generate`` arguments for a workload: prompts, sampling params, LoRA requests."""
+    from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
+
+    prompts, params, loras = [], [], []
+    for body in workload.requests:
+        av = body.get("vllm_xargs", {}).get("av")
+        prompts.append(body["prompt"])
+        params.append(SamplingParams(max_tokens=body["max_tokens"], ignore_eos=True, temperature=0,
+                                     extra_args={"av": av} if av else None))
+        model = body.get("model")
+        loras.append(LoRARequest(model, int(model[3:]) + 1, str(lora_dir / model)) if model else None)
+    return prompts, params, loras
+
+
+def run_offline(args, library: Path, lora_dir: Path, workloads: list[Workload], n_mixes: int, lora_rank: int) -> dict:
+    """Peak throughput: ``LLM.generate`` over each workload's request list.
+
+    One engine per server kind, all started first; then every workload runs once per round,
+    interleaved, for ``--offline-rounds`` rounds. Reported: the median over rounds and, per
+    workload, the median of its per-round ratio to ``base`` (and ``av-distinct`` to ``av-same``),
+    so that a drift in machine load hits every workload of a round alike.
+    """
+    from vllm import LLM
 
     engine_kwargs = json.loads(args.offline_engine_kwargs)
     configs = {
@@ -194,29 +217,32 @@ def run_offline(args, library: Path, lora_dir: Path, workloads: list[Workload], 
         "lora": {"enable_lora": True, "max_loras": min(args.max_loras, n_mixes), "max_cpu_loras": n_mixes,
                  "max_lora_rank": lora_rank},
     }
-    out = {}
-    for kind, extra in configs.items():
-        mine = [w for w in workloads if w.server == kind]
-        if not mine:
-            continue
-        llm = LLM(args.model, **engine_kwargs, **extra)
-        for workload in mine:
-            params, loras = [], []
-            for body in workload.requests:
-                av = body.get("vllm_xargs", {}).get("av")
-                params.append(SamplingParams(max_tokens=body["max_tokens"], ignore_eos=True, temperature=0,
-                                             extra_args={"av": av} if av else None))
-                model = body.get("model")
-                loras.append(LoRARequest(model, int(model[3:]) + 1, str(lora_dir / model)) if model else None)
-            prompts = [body["prompt"] for body in workload.requests]
-            llm.generate(prompts[:4], params[:4], lora_request=loras[:4], use_tqdm=False)  # warm-up
+    engines = {kind: LLM(args.model, **engine_kwargs, **configs[kind]) for kind in dict.fromkeys(w.server for w in workloads)}
+    jobs = [(w.name, engines[w.server], *offline_inputs(w, lora_dir)) for w in workloads]
+    for _, llm, prompts, params, loras in jobs:  # warm-up, not recorded
+        llm.generate(prompts[:8], params[:8], lora_request=loras[:8], use_tqdm=False)
+    rounds: dict[str, list[dict]] = {name: [] for name, *_ in jobs}
+    for _ in range(args.offline_rounds):
+        for name, llm, prompts, params, loras in jobs:
             t0 = time.perf_counter()
             outputs = llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
             duration = time.perf_counter() - t0
             tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-            out[workload.name] = {"duration_s": duration, "request_per_s": len(outputs) / duration,
-                                  "output_tok_per_s": tokens / duration}
-        del llm
+            rounds[name].append({"duration_s": duration, "request_per_s": len(outputs) / duration,
+                                 "output_tok_per_s": tokens / duration})
+    for llm in engines.values():
+        llm.llm_engine.engine_core.shutdown()  # else the engines may outlive the run (or the process)
+
+    def ratio(name: str, other: str) -> float | None:
+        if other not in rounds:
+            return None
+        return statistics.median(r["output_tok_per_s"] / o["output_tok_per_s"] for r, o in zip(rounds[name], rounds[other]))
+
+    out = {}
+    for name, rs in rounds.items():
+        out[name] = {**median_rounds(rs), "rounds": rs, "vs_base": ratio(name, "base")}
+    if "av-distinct" in out:
+        out["av-distinct"]["vs_av_same"] = ratio("av-distinct", "av-same")
     return out
 
 
@@ -250,8 +276,10 @@ def prepare(args, work: Path) -> tuple[Path, list[str], Path, list[dict], int, f
 
 
 def markdown_table(online: dict, offline: dict) -> str:
-    lines = ["| workload | req/s | out tok/s | vs base | TTFT p50/p99 ms | TPOT p50/p99 ms | ITL p50/p99 ms | errors |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = []
+    if online:
+        lines += ["| workload | req/s | out tok/s | vs base | TTFT p50/p99 ms | TPOT p50/p99 ms | ITL p50/p99 ms | errors |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
     base = online.get("base", {}).get("output_tok_per_s")
     for name, r in online.items():
         ratio = f"{r['output_tok_per_s'] / base:.3f}" if base else "n/a"
@@ -259,29 +287,35 @@ def markdown_table(online: dict, offline: dict) -> str:
                      f"{r['ttft_ms_p50']:.1f} / {r['ttft_ms_p99']:.1f} | {r['tpot_ms_p50']:.2f} / {r['tpot_ms_p99']:.2f} | "
                      f"{r['itl_ms_p50']:.2f} / {r['itl_ms_p99']:.2f} | {r['errors']} |")
     if offline:
-        lines += ["", "| offline workload | req/s | out tok/s | vs base |", "|---|---:|---:|---:|"]
-        base = offline.get("base", {}).get("output_tok_per_s")
+        lines += [""] if lines else []
+        lines += ["| offline workload | req/s | out tok/s | vs base (median of rounds) |", "|---|---:|---:|---:|"]
         for name, r in offline.items():
-            ratio = f"{r['output_tok_per_s'] / base:.3f}" if base else "n/a"
+            ratio = f"{r['vs_base']:.3f}" if r.get("vs_base") is not None else "n/a"
             lines.append(f"| {name} | {r['request_per_s']:.2f} | {r['output_tok_per_s']:.1f} | {ratio} |")
+        if offline.get("av-distinct", {}).get("vs_av_same") is not None:
+            lines.append(f"\noffline av-distinct / av-same (median of rounds): {offline['av-distinct']['vs_av_same']:.3f}")
     return "\n".join(lines)
 
 
-def plot(online: dict, path: Path) -> None:
+def plot(online: dict, offline: dict, path: Path) -> None:
+    """Bars per workload: online throughput and p99 TPOT, and offline throughput (what was run)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(online)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax1.bar(names, [online[n]["output_tok_per_s"] for n in names], color="tab:blue")
-    ax1.set_ylabel("output tokens / s")
-    ax1.set_title("throughput (higher is better)")
-    ax2.bar(names, [online[n]["tpot_ms_p99"] for n in names], color="tab:orange")
-    ax2.set_ylabel("ms")
-    ax2.set_title("p99 TPOT (lower is better)")
-    for ax in (ax1, ax2):
+    panels = []
+    if online:
+        panels.append((online, "output_tok_per_s", "output tokens / s", "online throughput (higher is better)", "tab:blue"))
+        panels.append((online, "tpot_ms_p99", "ms", "online p99 TPOT (lower is better)", "tab:orange"))
+    if offline:
+        panels.append((offline, "output_tok_per_s", "output tokens / s", "offline throughput (higher is better)", "tab:green"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, (results, key, unit, title, color) in zip(axes[0], panels):
+        names = list(results)
+        ax.bar(names, [results[n][key] for n in names], color=color)
+        ax.set_ylabel(unit)
+        ax.set_title(title)
         ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -309,7 +343,7 @@ def parse_args(argv=None):
                    help="command that starts a vLLM OpenAI server for MODEL (GPU: 'vllm serve')")
     p.add_argument("--server-args", default=" ".join([*CPU_FLAGS, "--max-num-seqs", "64"]),
                    help="extra flags for every server (default: the tiny CPU model's)")
-    p.add_argument("--workloads", nargs="+", default=["base", "av-distinct", "av-same", "lora-per-mix", "prompt"])
+    p.add_argument("--workloads", nargs="+", default=["base", "av-server-base", "av-distinct", "av-same", "lora-per-mix", "prompt"])
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--input-len", type=int, default=32, help="prompt length in words")
@@ -323,6 +357,9 @@ def parse_args(argv=None):
     p.add_argument("--time-limit", type=float, default=600, help="seconds per workload round")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--offline", action="store_true", help="also time LLM.generate (peak throughput)")
+    p.add_argument("--online", action=argparse.BooleanOptionalAction, default=True,
+                   help="drive OpenAI servers (--no-online: offline only)")
+    p.add_argument("--offline-rounds", type=int, default=5, help="interleaved offline rounds; medians are reported")
     p.add_argument("--offline-engine-kwargs", default='{"dtype": "float32", "enforce_eager": true, '
                    '"max_model_len": 512, "gpu_memory_utilization": 0.4, "max_num_seqs": 64}')
     p.add_argument("--smoke", action="store_true", help="a few requests per workload, one round (CI)")
@@ -331,6 +368,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.smoke:
         args.num_requests, args.rounds, args.lora_mixes, args.output_len, args.concurrency = 8, 1, 4, 8, 4
+        args.offline_rounds = 1
     if (args.model is None) != (args.av_path is None):
         p.error("--model and --av-path go together")
     return args
@@ -348,7 +386,7 @@ def main(argv=None) -> dict:
     commands = server_commands(args, library, lora_dir, len(lora_mixes), lora_rank)
     rounds: dict[str, list[dict]] = {w.name: [] for w in workloads}
     servers: dict[str, ServerProcess] = {}
-    for kind in dict.fromkeys(w.server for w in workloads):  # one server at a time: idle ones still cost CPU
+    for kind in dict.fromkeys(w.server for w in workloads if args.online):  # one at a time: idle ones cost CPU
         mine = [w for w in workloads if w.server == kind]
         servers[kind] = ServerProcess(commands[kind], work / f"server_{kind}.log")
         with servers[kind] as server:
@@ -360,7 +398,7 @@ def main(argv=None) -> dict:
                     rounds[workload.name].append(
                         asyncio.run(run_workload(server.url, args.model, workload, args.concurrency, args.time_limit))
                     )
-    online = {name: median_rounds(rs) for name, rs in rounds.items()}
+    online = {name: median_rounds(rs) for name, rs in rounds.items() if rs}
     offline = run_offline(args, library, lora_dir, workloads, len(lora_mixes), lora_rank) if args.offline else {}
     report = {
         "meta": {"date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv), "argv": vars(args),
@@ -375,7 +413,7 @@ def main(argv=None) -> dict:
     out.write_text(json.dumps(report, indent=2, default=str))
     table = markdown_table(online, offline)
     out.with_suffix(".md").write_text(table + "\n")
-    plot(online, out.with_suffix(".png"))
+    plot(online, offline, out.with_suffix(".png"))
     print(table)
     print(f"\nlora-per-mix: {len(lora_mixes)} adapters of rank {lora_rank} built in {build_s:.1f} s; "
           f"server start {report['meta']['lora_per_mix']['server_start_s']}")

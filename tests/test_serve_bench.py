@@ -18,7 +18,8 @@ def test_serve_bench_smoke(tmp_path):
     out = tmp_path / "smoke.json"
     report = serve_bench.main(["--smoke", "--work-dir", str(tmp_path / "work"), "--out", str(out)])
     saved = json.loads(out.read_text())
-    assert saved["online"].keys() == {"base", "av-distinct", "av-same", "lora-per-mix", "prompt"}
+    workloads = {"base", "av-server-base", "av-distinct", "av-same", "lora-per-mix", "prompt"}
+    assert saved["online"].keys() == workloads
     for name, result in report["online"].items():
         assert result["errors"] == 0, (name, result["error_examples"])
         assert result["completed"] == 8
@@ -29,4 +30,24 @@ def test_serve_bench_smoke(tmp_path):
     assert prompt["mean_prompt_tokens"] > base["mean_prompt_tokens"], "the prompt baseline adds preference tokens"
     assert report["meta"]["lora_per_mix"]["mixes"] == 4
     assert out.with_suffix(".md").read_text().startswith("| workload |")
+    assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_serve_bench_offline_smoke(tmp_path):
+    """Offline mode: every engine up at once, workloads interleaved per round, ratios to base reported."""
+    import serve_bench
+
+    out = tmp_path / "offline.json"
+    argv = ["--smoke", "--no-online", "--offline", "--workloads", "base", "av-distinct", "av-same",
+            "--work-dir", str(tmp_path / "work"), "--out", str(out)]
+    report = serve_bench.main(argv)
+    assert report["online"] == {}
+    offline = report["offline"]
+    assert offline.keys() == {"base", "av-distinct", "av-same"}
+    assert offline["base"]["vs_base"] == 1.0
+    for name, result in offline.items():
+        assert len(result["rounds"]) == 1
+        assert math.isfinite(result["output_tok_per_s"]) and result["output_tok_per_s"] > 0, name
+    assert 0 < offline["av-distinct"]["vs_av_same"] < 10
+    assert "| offline workload |" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").stat().st_size > 1000
