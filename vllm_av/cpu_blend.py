@@ -1,9 +1,10 @@
 """The AV blend of one CPU layer: the dense math of :func:`vllm_av.ops.blend_scaled_ranks`, run
 with vLLM-CPU's prepacked oneDNN GEMMs where the build has them.
 
-Measured on this project's 2-core CPU, one tiny decoder layer's four linears: 95 us with oneDNN
-against 109 us with aten at 64 tokens, and 571 against 1059 us at 1024 tokens
-(``benchmarks/RESULTS.md``). Without oneDNN (other vLLM builds) it runs the aten form.
+On this project's CPU at one thread (what vLLM gives the worker on 2 cores), one tiny decoder
+layer's blend takes 122 us with oneDNN against 166 us with aten at 64 tokens, and 1112 against
+2305 us at 1024 tokens (``benchmarks/cpu_blend_bench.py``, ``benchmarks/RESULTS.md``). Without
+oneDNN (other vLLM builds) it runs the aten form.
 """
 
 from __future__ import annotations
