@@ -250,12 +250,24 @@ def _counters(device: torch.device, num_groups: int) -> torch.Tensor:
     """Per-device int32 counters: producers done, consumers done, then one per K-split group.
 
     The kernel returns every counter to zero, so the buffer is allocated (zeroed) once and only
-    grows when a larger shape is first seen (do that warm-up call before a CUDA-graph capture).
+    grows when a larger shape is first seen; :func:`reserve_scratch` sizes it up front, before
+    any CUDA-graph capture.
     """
+    device = torch.device(device)
     buf = _counter_buffers.get(device)
     if buf is None or buf.numel() < num_groups + 2:
         buf = _counter_buffers[device] = torch.zeros(num_groups + 2, dtype=torch.int32, device=device)
     return buf
+
+
+def reserve_scratch(device: torch.device, max_rows: int, num_slices: int, num_avs: int) -> None:
+    """Allocate the kernel's sync counters for every call of up to ``max_rows`` rows, now.
+
+    The plugin calls this when it loads the library, so no call inside a CUDA-graph capture
+    ever allocates.
+    """
+    block_t = blend_config(max_rows, 1, num_slices, num_avs, 1).block_t  # row tiles grow with rows
+    _counters(device, triton.cdiv(max_rows, block_t) * min(num_slices, MAX_SLICES_PER_LAUNCH) * num_avs)
 
 
 def _launch_slices(y, x, lora_a, lora_b, av_index, av_scale, widths, cfg: BlendConfig) -> None:

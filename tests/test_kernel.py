@@ -146,6 +146,18 @@ def test_repeated_launches_reuse_the_sync_counter():
         run_and_check(fresh_seed(), 3, 70, [12, 6], [5, 2], 2, torch.bfloat16)
 
 
+def test_reserved_scratch_is_never_regrown():
+    """After reserve_scratch for T rows, no call of up to T rows allocates (safe under graph capture)."""
+    import vllm_av.kernels.blend as blend_mod
+
+    blend_mod._counter_buffers.clear()
+    blend_mod.reserve_scratch(DEVICE, 200, 2, 3)
+    reserved = blend_mod._counter_buffers[torch.device(DEVICE)]
+    for rows in (1, 17, 64, 65, 200):
+        run_and_check(fresh_seed(), rows, 24, [12, 6], [4, 2, 3], 2, torch.float32)
+        assert blend_mod._counter_buffers[torch.device(DEVICE)] is reserved, f"regrown at {rows} rows"
+
+
 # ---------------------------------------------------------------------------------------- GPU
 
 

@@ -254,7 +254,7 @@ def install(runner, model, vllm_config, entries: Sequence[AVEntry], config: AVCo
     device = next(iter(model.parameters())).device
     max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
     tables = AVTables(max_tokens, config.max_per_request, len(entries), rank, device)
-    layers = 0
+    layers, max_slices = 0, 0
     for name, layer in manager.modules.items():
         layer._av_skip_stock_lora = not config.stock_lora  # read by the layer hooks
         if not isinstance(layer, BaseLinearLayerWithLoRA):
@@ -262,10 +262,14 @@ def install(runner, model, vllm_config, entries: Sequence[AVEntry], config: AVCo
         weights = [manager._get_lora_layer_weights(lora_model, name) for lora_model in lora_models]
         if any(w is not None for w in weights):
             attach_layer(layer, weights, tables, rank)
-            layers += 1
+            layers, max_slices = layers + 1, max(max_slices, len(layer.lora_b_stacked))
     if layers == 0:
         raise ValueError("vllm-av: no AV in the library matches a LoRA-capable layer of this model")
     impl = vllm_av.ops.cuda_impl_name() if device.type == "cuda" else f"dense, {cpu_gemm_backend()} GEMMs (CPU)"
+    if impl == "triton":  # the kernel's scratch, sized now: nothing may allocate in a graph capture
+        from vllm_av.kernels.blend import reserve_scratch
+
+        reserve_scratch(device, max_tokens, max_slices, len(entries))
     logger.info(
         "vllm-av: %d AVs (max rank %d) on %d layers; up to %d per request; blend implementation: %s",
         len(entries), rank, layers, config.max_per_request, impl,
