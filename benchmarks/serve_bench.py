@@ -204,7 +204,7 @@ def run_offline(args, library: Path, lora_dir: Path, workloads: list[Workload], 
     """Peak throughput: ``LLM.generate`` over each workload's request list.
 
     One engine per server kind, all started first; then every workload runs once per round,
-    interleaved, for ``--offline-rounds`` rounds. Reported: the median over rounds and, per
+    interleaved, for ``--offline-rounds`` rounds, each after a ``--offline-settle`` pause. Reported: the median over rounds and, per
     workload, the median of its per-round ratio to ``base`` (and ``av-distinct`` to ``av-same``),
     so that a drift in machine load hits every workload of a round alike.
     """
@@ -224,6 +224,9 @@ def run_offline(args, library: Path, lora_dir: Path, workloads: list[Workload], 
     rounds: dict[str, list[dict]] = {name: [] for name, *_ in jobs}
     for _ in range(args.offline_rounds):
         for name, llm, prompts, params, loras in jobs:
+            # vLLM's workers busy-poll for 1 s after their last step: let the previous engine's go
+            # idle, else they share a core with the engine being timed
+            time.sleep(args.offline_settle)
             t0 = time.perf_counter()
             outputs = llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
             duration = time.perf_counter() - t0
@@ -360,6 +363,8 @@ def parse_args(argv=None):
     p.add_argument("--online", action=argparse.BooleanOptionalAction, default=True,
                    help="drive OpenAI servers (--no-online: offline only)")
     p.add_argument("--offline-rounds", type=int, default=5, help="interleaved offline rounds; medians are reported")
+    p.add_argument("--offline-settle", type=float, default=1.5,
+                   help="seconds of pause before each timed offline run (idle engines stop polling)")
     p.add_argument("--offline-engine-kwargs", default='{"dtype": "float32", "enforce_eager": true, '
                    '"max_model_len": 512, "gpu_memory_utilization": 0.4, "max_num_seqs": 64}')
     p.add_argument("--smoke", action="store_true", help="a few requests per workload, one round (CI)")
@@ -368,7 +373,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.smoke:
         args.num_requests, args.rounds, args.lora_mixes, args.output_len, args.concurrency = 8, 1, 4, 8, 4
-        args.offline_rounds = 1
+        args.offline_rounds, args.offline_settle = 1, 0.0
     if (args.model is None) != (args.av_path is None):
         p.error("--model and --av-path go together")
     return args
