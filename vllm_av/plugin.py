@@ -135,6 +135,9 @@ def _install_engine_config_hook() -> None:
             return original_create(self, *args, **kwargs)
         if self.fully_sharded_loras:
             raise ValueError("vllm-av: --fully-sharded-loras is not supported with AV")
+        if os.environ.get("VLLM_LORA_ENABLE_DUAL_STREAM", "0").strip() not in ("", "0"):
+            # its LoRA path (lora_linear_async) never reaches the layer hook: AVs would be skipped
+            raise ValueError("vllm-av: VLLM_LORA_ENABLE_DUAL_STREAM is not supported with AV; unset it")
         if not self.enable_lora:
             # AVs ride on vLLM's LoRA layers but live in buffers of their own: keep vLLM's LoRA
             # slots minimal and skip its LoRA math (stock_lora=False).
