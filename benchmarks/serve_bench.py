@@ -204,9 +204,10 @@ def run_offline(args, library: Path, lora_dir: Path, workloads: list[Workload], 
     """Peak throughput: ``LLM.generate`` over each workload's request list.
 
     One engine per server kind, all started first; then every workload runs once per round,
-    interleaved, for ``--offline-rounds`` rounds, each after a ``--offline-settle`` pause. Reported: the median over rounds and, per
-    workload, the median of its per-round ratio to ``base`` (and ``av-distinct`` to ``av-same``),
-    so that a drift in machine load hits every workload of a round alike.
+    interleaved, for ``--offline-rounds`` rounds, each after a ``--offline-settle`` pause.
+    Reported: the median over rounds and, per workload, the median of its per-round ratio to
+    ``base`` (and ``av-distinct`` to ``av-same``), so that a drift in machine load hits every
+    workload of a round alike.
     """
     from vllm import LLM
 
@@ -218,23 +219,25 @@ def run_offline(args, library: Path, lora_dir: Path, workloads: list[Workload], 
                  "max_lora_rank": lora_rank},
     }
     engines = {kind: LLM(args.model, **engine_kwargs, **configs[kind]) for kind in dict.fromkeys(w.server for w in workloads)}
-    jobs = [(w.name, engines[w.server], *offline_inputs(w, lora_dir)) for w in workloads]
-    for _, llm, prompts, params, loras in jobs:  # warm-up, not recorded
-        llm.generate(prompts[:8], params[:8], lora_request=loras[:8], use_tqdm=False)
-    rounds: dict[str, list[dict]] = {name: [] for name, *_ in jobs}
-    for _ in range(args.offline_rounds):
-        for name, llm, prompts, params, loras in jobs:
-            # vLLM's workers busy-poll for 1 s after their last step: let the previous engine's go
-            # idle, else they share a core with the engine being timed
-            time.sleep(args.offline_settle)
-            t0 = time.perf_counter()
-            outputs = llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
-            duration = time.perf_counter() - t0
-            tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-            rounds[name].append({"duration_s": duration, "request_per_s": len(outputs) / duration,
-                                 "output_tok_per_s": tokens / duration})
-    for llm in engines.values():
-        llm.llm_engine.engine_core.shutdown()  # else the engines may outlive the run (or the process)
+    rounds: dict[str, list[dict]] = {w.name: [] for w in workloads}
+    try:
+        jobs = [(w.name, engines[w.server], *offline_inputs(w, lora_dir)) for w in workloads]
+        for _, llm, prompts, params, loras in jobs:  # warm-up, not recorded
+            llm.generate(prompts[:8], params[:8], lora_request=loras[:8], use_tqdm=False)
+        for _ in range(args.offline_rounds):
+            for name, llm, prompts, params, loras in jobs:
+                # vLLM's workers busy-poll for 1 s after their last step: let the previous engine's
+                # go idle, else they share a core with the engine being timed
+                time.sleep(args.offline_settle)
+                t0 = time.perf_counter()
+                outputs = llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
+                duration = time.perf_counter() - t0
+                tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+                rounds[name].append({"duration_s": duration, "request_per_s": len(outputs) / duration,
+                                     "output_tok_per_s": tokens / duration})
+    finally:
+        for llm in engines.values():
+            llm.llm_engine.engine_core.shutdown()  # else the engines may outlive the run (or the process)
 
     def ratio(name: str, other: str) -> float | None:
         if other not in rounds:

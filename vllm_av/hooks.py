@@ -68,7 +68,7 @@ def _install_layer_hook() -> None:
         y = output.flatten(0, 1) if output.ndim == 3 else output
         x2d = x.flatten(0, 1) if x.ndim == 3 else x
         num_tokens = y.shape[0]
-        if tables.coef_rank is not None:  # CPU: nothing is compiled or captured; per-step dense coefficients
+        if tables.dense:  # CPU: nothing is compiled or captured; per-step dense coefficients
             if tables.active:
                 self._av_cpu_blend(y, x2d, tables.coef_rank[:num_tokens])
         else:

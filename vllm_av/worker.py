@@ -69,6 +69,9 @@ class AVTables:
         self._turn = 0
 
     def _rows_to_write(self, has_entries: bool, num_tokens: int) -> int:
+        """Rows this update must write (0: none, the tables already hold no entries)."""
+        if not has_entries and self._filled == 0:
+            return 0
         if num_tokens > self.max_tokens:
             raise ValueError(f"{num_tokens} tokens exceed the AV table size {self.max_tokens}")
         rows = max(num_tokens, self._filled)
@@ -78,9 +81,9 @@ class AVTables:
 
     def write(self, token_index: np.ndarray | None, token_scale: np.ndarray | None, num_tokens: int) -> None:
         """Op form: set rows ``[:num_tokens]`` (None = no entries); clear rows left from the last step."""
-        if token_index is None and self._filled == 0:
-            return
         rows = self._rows_to_write(token_index is not None, num_tokens)
+        if rows == 0:
+            return
         host_index, host_scale = self._host[self._turn]
         self._turn = (self._turn + 1) % len(self._host)
         hi, hs = host_index.numpy(), host_scale.numpy()
@@ -98,37 +101,40 @@ class AVTables:
 
     def write_dense(self, pool_coef: torch.Tensor, token_rows: np.ndarray | None, num_tokens: int) -> None:
         """Dense form: row ``t`` = ``pool_coef[token_rows[t]]`` (None = no entries); clear the rest."""
-        if token_rows is None and self._filled == 0:
-            return
         rows = self._rows_to_write(token_rows is not None, num_tokens)
+        if rows == 0:
+            return
+        written = 0
         if token_rows is not None:
             torch.index_select(pool_coef, 0, torch.from_numpy(token_rows), out=self.coef_rank[:num_tokens])
-            num_written = num_tokens
-        else:
-            num_written = 0
-        if rows > num_written:
-            self.coef_rank[num_written:rows] = 0.0
+            written = num_tokens
+        if rows > written:
+            self.coef_rank[written:rows] = 0.0
 
 
 class AVWorkerState:
     """Maps requests to mixes and mixes to table rows, for one model runner."""
 
-    def __init__(self, entries: Sequence[AVEntry], config: AVConfig, tables: AVTables, max_live_mixes: int):
+    def __init__(
+        self, entries: Sequence[AVEntry], config: AVConfig, tables: AVTables, max_live_mixes: int,
+        needs_lora_mapping: bool = True,
+    ):
         self.config = config
         self.tables = tables
         self.name_to_index = {entry.name: i for i, entry in enumerate(entries)}
-        self.needs_lora_mapping = True  # whether vLLM's own per-step LoRA mapping must still be built
+        self.needs_lora_mapping = needs_lora_mapping  # whether vLLM's own per-step LoRA mapping must be built
         self._capacity = max(4 * max_live_mixes, 64)  # > 2x the live requests: room after compaction
         self._reset_pool()
 
     def _reset_pool(self) -> None:
-        m = self.config.max_per_request
         # Pool row 0 is the empty mix; each distinct mix in use gets one row, in the tables' form.
-        self._pool_index = np.full((self._capacity + 1, m), -1, dtype=np.int32)
-        self._pool_scale = np.zeros((self._capacity + 1, m), dtype=np.float32)
         if self.tables.dense:  # numpy for cheap per-entry writes; the tables read it as a tensor
             self._pool_coef = np.zeros((self._capacity + 1, self.tables.coef_rank.shape[1]), dtype=np.float32)
             self._pool_coef_tensor = torch.from_numpy(self._pool_coef)
+        else:
+            shape = (self._capacity + 1, self.config.max_per_request)
+            self._pool_index = np.full(shape, -1, dtype=np.int32)
+            self._pool_scale = np.zeros(shape, dtype=np.float32)
         self._mix_row: dict[tuple, int] = {(): 0}
         self._req_row: dict[str, int] = {}
 
@@ -137,13 +143,14 @@ class AVWorkerState:
         if row is None:
             row = len(self._mix_row)
             self._mix_row[mix] = row
-            for m, (name, scale) in enumerate(mix):
-                self._pool_index[row, m] = self.name_to_index[name]
-                self._pool_scale[row, m] = scale
             if self.tables.dense:
                 coef = self._pool_coef[row].reshape(len(self.name_to_index), -1)
                 for name, scale in mix:
                     coef[self.name_to_index[name]] += scale
+            else:
+                for m, (name, scale) in enumerate(mix):
+                    self._pool_index[row, m] = self.name_to_index[name]
+                    self._pool_scale[row, m] = scale
         return row
 
     def _resolve(self, req_id: str, requests: dict) -> int:
@@ -274,9 +281,8 @@ def install(runner, model, vllm_config, entries: Sequence[AVEntry], config: AVCo
         "vllm-av: %d AVs (max rank %d) on %d layers; up to %d per request; blend implementation: %s",
         len(entries), rank, layers, config.max_per_request, impl,
     )
-    state = AVWorkerState(entries, config, tables, vllm_config.scheduler_config.max_num_seqs)
     # Without stock LoRA, and when the hooks skip the LoRA math of every wrapped layer kind,
     # nothing reads vLLM's per-step LoRA mapping: the runner hook stops building it.
     skippable = (BaseLinearLayerWithLoRA, LogitsProcessorWithLoRA, VocabParallelEmbeddingWithLoRA)
-    state.needs_lora_mapping = config.stock_lora or not all(isinstance(m, skippable) for m in manager.modules.values())
-    return state
+    needs_mapping = config.stock_lora or not all(isinstance(m, skippable) for m in manager.modules.values())
+    return AVWorkerState(entries, config, tables, vllm_config.scheduler_config.max_num_seqs, needs_mapping)
