@@ -1,10 +1,15 @@
-"""The CPU layers' blend, per decoder layer of the tiny serving model, by GEMM backend.
+"""The CPU layers' blend, per decoder layer of the tiny serving model, by implementation.
 
 One decoder layer's four linears (qkv 128->128+64+64, o 128->128, gate_up 128->2x256,
-down 256->128) with 8 AVs of rank 4, as ``benchmarks/serve_bench.py`` builds them: the dense
-blend with aten GEMMs (``vllm_av.ops.blend_scaled_ranks``) against vLLM-CPU's oneDNN GEMMs
-(``vllm_av.cpu_blend.CPUBlend``), and the base GEMMs alone (oneDNN, as vLLM-CPU runs them) for
-scale. Median over repeats, microseconds per layer, at 1 and 2 threads.
+down 256->128), every token row with its own random mix of 4 AVs, for two libraries: 8 AVs of
+rank 4 (what ``benchmarks/serve_bench.py`` builds) and 64 AVs of rank 16. Implementations:
+
+* ``blend_native`` -- the C kernel (``vllm_av.cpu_blend.NativeCPUBlend``; one thread always);
+* ``blend_onednn`` / ``blend_aten`` -- the dense blend over the whole library with vLLM-CPU's
+  oneDNN GEMMs (``CPUBlend``) or aten GEMMs (``vllm_av.ops.blend_scaled_ranks``);
+* ``base_gemms`` -- the layer's base GEMMs alone (oneDNN, as vLLM-CPU runs them), for scale.
+
+Median over repeats, microseconds per layer, at 1 and 2 torch threads.
 
     python benchmarks/cpu_blend_bench.py [--json benchmarks/results/cpu_blend.json]
 """
@@ -19,10 +24,13 @@ import time
 
 import torch
 
-from vllm_av.cpu_blend import CPUBlend
+from vllm_av.cpu_blend import CPUBlend, NativeCPUBlend
+from vllm_av.kernels.cpu import load
+from vllm_av.ops import mix_coefficients
 
 LINEARS = [(128, [128, 64, 64]), (128, [128]), (128, [256, 256]), (256, [128])]
-NUM_AVS, RANK = 8, 4
+LIBRARIES = [(8, 4), (64, 16)]  # (AVs, rank)
+MIX_SIZE, TABLE_WIDTH = 4, 8  # AVs per row, entries per table row (the default av.max_per_request)
 
 
 def median_us(calls, repeats: int) -> float:
@@ -37,22 +45,37 @@ def median_us(calls, repeats: int) -> float:
     return statistics.median(times) * 1e6
 
 
-def measure(tokens: int, threads: int, repeats: int) -> dict:
+def random_tables(tokens: int, num_avs: int, gen: torch.Generator):
+    """``index/scale [tokens, TABLE_WIDTH]``: MIX_SIZE distinct AVs per row, the rest -1."""
+    index = torch.full((tokens, TABLE_WIDTH), -1, dtype=torch.int32)
+    index[:, :MIX_SIZE] = torch.rand(tokens, num_avs, generator=gen).argsort(dim=1)[:, :MIX_SIZE].int()
+    scale = torch.zeros(tokens, TABLE_WIDTH)
+    scale[:, :MIX_SIZE] = torch.randn(tokens, MIX_SIZE, generator=gen)
+    return index, scale
+
+
+def measure(tokens: int, threads: int, num_avs: int, rank: int, repeats: int) -> dict:
     from vllm import _custom_ops as ops
 
     torch.set_num_threads(threads)
-    calls = {"base_gemms": [], "blend_aten": [], "blend_onednn": []}
+    gen = torch.Generator().manual_seed(tokens + num_avs)
+    kernel = load()
+    calls = {"base_gemms": [], "blend_aten": [], "blend_onednn": [], "blend_native": []}
     for d_in, slices in LINEARS:
-        a = torch.randn(len(slices), NUM_AVS, RANK, d_in)
-        b = torch.randn(NUM_AVS, sum(slices), RANK)
-        x, y = torch.randn(tokens, d_in), torch.randn(tokens, sum(slices))
-        coef_rank = torch.randn(tokens, NUM_AVS * RANK)
-        base = ops.create_onednn_mm(torch.randn(sum(slices), d_in).t(), 32)
+        a = torch.randn(len(slices), num_avs, rank, d_in, generator=gen)
+        b = torch.randn(num_avs, sum(slices), rank, generator=gen)
+        x, y = torch.randn(tokens, d_in, generator=gen), torch.randn(tokens, sum(slices), generator=gen)
+        index, scale = random_tables(tokens, num_avs, gen)
+        coef_rank = mix_coefficients(index, scale, num_avs).repeat_interleave(rank, dim=1)
+        base = ops.create_onednn_mm(torch.randn(sum(slices), d_in, generator=gen).t(), 32)
         aten, onednn = CPUBlend(a, b, slices, use_onednn=False), CPUBlend(a, b, slices)
+        native = NativeCPUBlend(kernel, a, b, slices, [rank] * num_avs)
         calls["base_gemms"].append(lambda x=x, h=base: ops.onednn_mm(h, x, None))
         calls["blend_aten"].append(lambda y=y, x=x, c=coef_rank, f=aten: f(y, x, c))
         calls["blend_onednn"].append(lambda y=y, x=x, c=coef_rank, f=onednn: f(y, x, c))
-    return {"tokens": tokens, "threads": threads, **{name: median_us(c, repeats) for name, c in calls.items()}}
+        calls["blend_native"].append(lambda y=y, x=x, i=index, s=scale, f=native: f(y, x, i, s))
+    row = {"tokens": tokens, "threads": threads, "num_avs": num_avs, "rank": rank}
+    return {**row, **{name: median_us(c, repeats) for name, c in calls.items()}}
 
 
 def main() -> None:
@@ -60,13 +83,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=300)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
-    rows = [measure(tokens, threads, args.repeats) for threads in (1, 2) for tokens in (64, 1024)]
-    print(f"{'threads':>7} {'tokens':>6} {'base GEMMs us':>14} {'blend aten us':>14} {'blend oneDNN us':>16}")
+    if load() is None:
+        raise SystemExit("the C blend kernel did not build here (see the warning above)")
+    rows = [
+        measure(tokens, threads, num_avs, rank, max(5, args.repeats * 64 // max(64, tokens) // (num_avs // 8)))
+        for num_avs, rank in LIBRARIES for threads in (1, 2) for tokens in (1, 64, 1024)
+    ]
+    print("per decoder layer, us (median); blend_native runs one thread whatever torch has")
+    print(f"{'AVs':>4} {'rank':>4} {'threads':>7} {'tokens':>6} {'base GEMMs':>10} {'aten':>9} {'oneDNN':>9} {'native':>9}")
     for r in rows:
-        print(f"{r['threads']:>7} {r['tokens']:>6} {r['base_gemms']:>14.1f} {r['blend_aten']:>14.1f} {r['blend_onednn']:>16.1f}")
+        print(f"{r['num_avs']:>4} {r['rank']:>4} {r['threads']:>7} {r['tokens']:>6} {r['base_gemms']:>10.1f} "
+              f"{r['blend_aten']:>9.1f} {r['blend_onednn']:>9.1f} {r['blend_native']:>9.1f}")
     if args.json:
         meta = {"cpu": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M"),
-                "command": "python benchmarks/cpu_blend_bench.py", "num_avs": NUM_AVS, "rank": RANK}
+                "command": "python benchmarks/cpu_blend_bench.py", "mix_size": MIX_SIZE, "table_width": TABLE_WIDTH}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": rows}, f, indent=2)
 

@@ -1,1 +1,1 @@
-"""Triton kernels of vllm-av, installed as the subpackage ``vllm_av.kernels``."""
+"""Kernels of vllm-av -- Triton on CUDA (`blend`), C on CPU (`cpu`) -- installed as ``vllm_av.kernels``."""

@@ -200,3 +200,23 @@ def test_rows_without_mix_equal_vanilla_vllm_exactly(llm, demo):
     finally:
         del vanilla
     assert with_av == plain
+
+
+@pytest.fixture(scope="module")
+def dense_llm(demo):
+    """The AV engine with the dense CPU blend (``av.cpu_blend=dense``) and stock LoRA off."""
+    from vllm import LLM
+
+    model, library = demo
+    engine = LLM(str(model), **ENGINE, additional_config={"av": {"path": str(library), "cpu_blend": "dense"}})
+    yield engine
+    del engine
+
+
+def test_dense_cpu_blend_matches_oracle_in_one_mixed_batch(dense_llm, demo):
+    outputs = dense_llm.generate([PROMPTS[1]] * len(MIXES), [params(mix) for mix in MIXES], use_tqdm=False)
+    for output, mix in zip(outputs, MIXES):
+        (want_tokens, want_logprobs), = oracle(demo, mix, PROMPTS[1:])
+        tokens, logprobs = tokens_and_logprobs(output)
+        assert tokens == want_tokens, mix
+        assert max(abs(a - b) for a, b in zip(logprobs, want_logprobs)) < LOGPROB_TOL, mix

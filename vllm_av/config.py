@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 CONFIG_KEY = "av"
+CPU_BLENDS = ("auto", "native", "dense")
 
 
 class AVConfigError(ValueError):
@@ -32,6 +33,9 @@ class AVConfig:
     stock_lora: also serve ordinary LoRA requests. Set to False by the plugin when vLLM's LoRA
         support was switched on only to carry the AVs: then vLLM's own (empty) LoRA math is
         skipped on every layer and LoRA requests are refused.
+    cpu_blend: how CPU layers blend: ``native`` (the C kernel: cost grows with the AVs each
+        request uses, one thread), ``dense`` (GEMMs over the whole library, oneDNN threads), or
+        ``auto`` (native when it builds and the worker runs one thread, else dense).
     """
 
     path: str
@@ -41,6 +45,7 @@ class AVConfig:
     max_name_length: int = 64
     lenient: bool = False
     stock_lora: bool = True
+    cpu_blend: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path:
@@ -52,6 +57,8 @@ class AVConfig:
         scale = self.max_abs_scale
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
             raise AVConfigError(f"av.max_abs_scale must be a positive finite number, got {scale!r}")
+        if self.cpu_blend not in CPU_BLENDS:
+            raise AVConfigError(f"av.cpu_blend must be one of {', '.join(CPU_BLENDS)}; got {self.cpu_blend!r}")
         if not isinstance(self.lenient, bool):
             raise AVConfigError(f"av.lenient must be true or false, got {self.lenient!r}")
 

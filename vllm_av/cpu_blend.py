@@ -1,14 +1,21 @@
-"""The AV blend of one CPU layer: the dense math of :func:`vllm_av.ops.blend_scaled_ranks`, run
-with vLLM-CPU's prepacked oneDNN GEMMs where the build has them.
+"""The AV blend of one CPU layer, in two forms (chosen per engine by :func:`choose_cpu_blend`).
 
-On this project's CPU at one thread (what vLLM gives the worker on 2 cores), one tiny decoder
-layer's blend takes 122 us with oneDNN against 166 us with aten at 64 tokens, and 1112 against
-2305 us at 1024 tokens (``benchmarks/cpu_blend_bench.py``, ``benchmarks/RESULTS.md``). Without
-oneDNN (other vLLM builds) it runs the aten form.
+* :class:`NativeCPUBlend` -- the C kernel of :mod:`vllm_av.kernels.cpu`: work grows with the
+  entries each row uses, not with the library size; one thread. It reads the op's
+  ``index/scale [T, M]`` tables.
+* :class:`CPUBlend` -- the dense math of :func:`vllm_av.ops.blend_scaled_ranks` over every AV
+  of the library, with vLLM-CPU's prepacked oneDNN GEMMs where the build has them (multi-threaded),
+  else aten. It reads the dense ``coef_rank`` table.
+
+Per-layer timings against each other and the base GEMMs: ``benchmarks/cpu_blend_bench.py``,
+``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
 
+import ctypes
+
+import numpy as np
 import torch
 
 from vllm_av.ops import blend_scaled_ranks, dense_weights
@@ -26,6 +33,24 @@ def _onednn():
 def cpu_gemm_backend() -> str:
     """What :class:`CPUBlend` multiplies with here: ``oneDNN`` or ``aten``."""
     return "oneDNN" if _onednn() is not None else "aten"
+
+
+def choose_cpu_blend(choice: str = "auto"):
+    """``(form, kernel)`` for ``av.cpu_blend``: ``("native", kernel)`` or ``("dense", None)``.
+
+    ``auto`` takes the C kernel when it builds and the worker runs one torch thread (the kernel
+    is single-threaded; with more threads the dense oneDNN GEMMs share the cores).
+    """
+    if choice == "dense":
+        return "dense", None
+    from vllm_av.kernels.cpu import load
+
+    kernel = load()
+    if choice == "native" and kernel is None:
+        raise RuntimeError("vllm-av: av.cpu_blend is 'native' but the C blend kernel could not be built (see the warning)")
+    if kernel is None or (choice == "auto" and torch.get_num_threads() > 1):
+        return "dense", None
+    return "native", kernel
 
 
 class CPUBlend:
@@ -54,3 +79,51 @@ class CPUBlend:
             y.add_(delta)
         else:  # accumulate in float32, round once (as the op does)
             y.copy_(y.to(torch.float32).add_(delta).to(y.dtype))
+
+
+class NativeCPUBlend:
+    """``y[t] += sum_m scale[t,m] * B_i A_i x[t]`` (``i = index[t,m]``) for one layer, by the C kernel.
+
+    ``ranks[n]``: rows of AV ``n``'s A/B that are not padding (0 where the AV skips this layer).
+    Accumulates in float32; other dtypes are converted around the call and rounded once.
+    """
+
+    def __init__(self, kernel, lora_a: torch.Tensor, lora_b: torch.Tensor, out_slices: list[int], ranks: list[int]):
+        from vllm_av.kernels.cpu import AVWeights
+
+        num_slices, num_avs, max_rank, d_in = lora_a.shape
+        self.kernel = kernel
+        self.a = lora_a.to(torch.float32).contiguous()
+        parts, offset = [], 0
+        for width in out_slices:  # per slice [N, R, width]: a rank's output row is contiguous
+            parts.append(lora_b[:, offset : offset + width].permute(0, 2, 1).reshape(-1))
+            offset += width
+        self.b = torch.cat(parts).to(torch.float32).contiguous()
+        self.rank_of = np.ascontiguousarray(ranks, dtype=np.int32)
+        self.out_size = np.ascontiguousarray(out_slices, dtype=np.int64)
+        self.weights = AVWeights(
+            self.a.data_ptr(), self.b.data_ptr(), self.rank_of.ctypes.data, self.out_size.ctypes.data,
+            num_slices, num_avs, max_rank, d_in,
+        )
+        self._weights_ref = ctypes.byref(self.weights)
+
+    def __call__(self, y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, scale: torch.Tensor) -> None:
+        """Add the blend of ``index/scale [T, M]`` (int32 / float32, contiguous) to ``y [T, OUT]``."""
+        rows = y.shape[0]
+        if rows == 0:
+            return
+        if not (index.dtype == torch.int32 and scale.dtype == torch.float32 and index.is_contiguous()
+                and scale.is_contiguous() and index.shape == scale.shape and index.shape[0] == rows == x.shape[0]):
+            raise ValueError("vllm-av: the CPU blend kernel needs contiguous int32 index and float32 scale of [T, M]")
+        if x.dtype != torch.float32 or x.stride(-1) != 1:
+            x = x.to(torch.float32).contiguous()
+        direct = y.dtype == torch.float32 and y.stride(-1) == 1
+        acc = y if direct else torch.zeros(y.shape, dtype=torch.float32)
+        status = self.kernel(
+            self._weights_ref, acc.data_ptr(), acc.stride(0), x.data_ptr(), x.stride(0),
+            index.data_ptr(), scale.data_ptr(), index.shape[1], rows,
+        )
+        if status != 0:
+            raise MemoryError("vllm-av: the CPU blend kernel could not allocate its scratch")
+        if not direct:  # accumulate in float32, round once (as the op does)
+            y.copy_(y.to(torch.float32).add_(acc).to(y.dtype))

@@ -10,10 +10,9 @@ Class-level wraps, each a no-op for runs without ``additional_config["av"]``:
 * ``BaseLinearLayerWithLoRA._apply_lora_to_output`` -- after the stock LoRA add, run
   ``torch.ops.vllm_av.blend_`` on layers that hold AV weights. The op is launched on every
   forward, whatever the batch holds, so CUDA-graph capture never drops it. On CPU, where vLLM
-  neither compiles nor captures a LoRA model, layers call the op's dense math directly
-  (:class:`~vllm_av.cpu_blend.CPUBlend`, weights laid out for it at load time) with the step's
-  coefficient table (the custom-op dispatcher alone costs ~25 us a call) and skip steps without
-  entries.
+  neither compiles nor captures a LoRA model, layers call their CPU blend directly (the C kernel
+  or the dense GEMMs of :mod:`vllm_av.cpu_blend`, weights laid out at load time) with the step's
+  tables (the custom-op dispatcher alone costs ~25 us a call) and skip steps without entries.
 * ``VocabParallelEmbeddingWithLoRA.forward``, ``LogitsProcessorWithLoRA._get_logits`` -- with
   stock LoRA off, the embedding and the logits run as in vanilla vLLM (every wrapped layer
   skips its empty stock LoRA math, so an AV server costs nothing extra without mixes).
@@ -68,13 +67,16 @@ def _install_layer_hook() -> None:
         y = output.flatten(0, 1) if output.ndim == 3 else output
         x2d = x.flatten(0, 1) if x.ndim == 3 else x
         num_tokens = y.shape[0]
-        if tables.dense:  # CPU: nothing is compiled or captured; per-step dense coefficients
-            if tables.active:
-                self._av_cpu_blend(y, x2d, tables.coef_rank[:num_tokens])
-        else:
+        cpu_blend = self._av_cpu_blend  # None on CUDA
+        if cpu_blend is None:
             torch.ops.vllm_av.blend_(
                 y, x2d, self._av_a, self._av_b, tables.index[:num_tokens], tables.scale[:num_tokens], self._av_slices
             )
+        elif tables.active:  # CPU: nothing is compiled or captured, so steps without mixes are skipped
+            if tables.dense:
+                cpu_blend(y, x2d, tables.coef_rank[:num_tokens])
+            else:
+                cpu_blend(y, x2d, tables.index[:num_tokens], tables.scale[:num_tokens])
         return output
 
     BaseLinearLayerWithLoRA._apply_lora_to_output = _apply_lora_to_output

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import os
 
-from vllm_av.config import CONFIG_KEY, AVConfig, av_config_from
+from vllm_av.config import CONFIG_KEY, CPU_BLENDS, AVConfig, av_config_from
 
 logger = logging.getLogger("vllm.av")
 
@@ -85,6 +85,10 @@ def _install_cli_args() -> None:
         group.add_argument("--av-lenient", action="store_true",
                            help="Refuse a broken AV with a one-line warning and serve the rest "
                                 "(default: a broken AV stops the start).")
+        group.add_argument("--av-cpu-blend", choices=CPU_BLENDS, default=defaults.cpu_blend,
+                           help="CPU only: 'native' (C kernel, cost grows with the AVs a request uses, one thread), "
+                                "'dense' (GEMMs over the whole library, all threads), or 'auto' (native when it "
+                                "builds and the worker runs one thread).")
         return parser
 
     def from_cli_args(cls, args):
@@ -99,6 +103,7 @@ def _install_cli_args() -> None:
                 "max_rank": args.av_max_rank,
                 "max_name_length": args.av_max_name_length,
                 "lenient": args.av_lenient,
+                "cpu_blend": args.av_cpu_blend,
             }
             result.additional_config = {**(result.additional_config or {}), CONFIG_KEY: settings}
             _validate_before_start(settings, getattr(args, "model", None))

@@ -3,15 +3,16 @@
 After vLLM wraps the model's linear layers for LoRA, :func:`install` loads every AV of the
 library with vLLM's own LoRA loader (so q/k/v and gate/up packing, alpha/r folding and
 tensor-parallel slicing are vLLM's) into per-layer buffers: on CUDA ``_av_a [S, N, R, in]`` and
-``_av_b [N, OUT, R]`` for the blend op, on CPU the same weights laid out for the dense path
-(:class:`vllm_av.cpu_blend.CPUBlend`). They are separate from vLLM's LoRA slots, which vLLM wipes
-after warm-up, and keep fixed addresses for CUDA graphs.
+``_av_b [N, OUT, R]`` for the blend op, on CPU the same weights laid out for the layer's CPU
+blend (``_av_cpu_blend``: the C kernel or the dense GEMMs, :mod:`vllm_av.cpu_blend`). They are
+separate from vLLM's LoRA slots, which vLLM wipes after warm-up, and keep fixed addresses for
+CUDA graphs.
 
-Each step, :meth:`AVWorkerState.update` fills the persistent tables ``index/scale [T, M]``
-(entry ``m`` of token row ``t``: library index, -1 = none, and scale) from the batch's
-requests, with vectorised numpy over requests (never a Python loop over tokens); on CPU also
-the dense ``coef_rank`` table. Every wrapped CUDA layer then runs ``torch.ops.vllm_av.blend_``
-unconditionally.
+Each step, :meth:`AVWorkerState.update` fills the persistent tables from the batch's requests,
+with vectorised numpy over requests (never a Python loop over tokens): ``index/scale [T, M]``
+(entry ``m`` of token row ``t``: library index, -1 = none, and scale) for the op and the C
+kernel, or the dense ``coef_rank`` table for the dense CPU blend. Every wrapped CUDA layer then
+runs ``torch.ops.vllm_av.blend_`` unconditionally.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 
 import vllm_av.ops  # registers torch.ops.vllm_av.blend_
 from vllm_av.config import AVConfig
-from vllm_av.cpu_blend import CPUBlend, cpu_gemm_backend
+from vllm_av.cpu_blend import CPUBlend, NativeCPUBlend, choose_cpu_blend, cpu_gemm_backend
 from vllm_av.library import AVEntry
 from vllm_av.mix import MixError, parse_mix
 
@@ -196,10 +197,11 @@ class AVWorkerState:
             self.tables.write(self._pool_index[token_rows], self._pool_scale[token_rows], num_tokens)
 
 
-def attach_layer(layer, weights: list, tables: AVTables, rank: int) -> None:
+def attach_layer(layer, weights: list, tables: AVTables, rank: int, ranks: list[int], cpu_kernel=None) -> None:
     """Load ``weights`` (one vLLM ``LoRALayerWeights`` or None per AV) into ``layer``'s AV buffers.
 
     Uses the layer's own ``set_lora`` on temporary stacks, so vLLM's slicing and packing apply.
+    ``ranks``: each AV's rank; ``cpu_kernel``: the C blend kernel for CPU layers (None: dense).
     """
     num_avs = len(weights)
     dtype, device = layer.lora_a_stacked[0].dtype, layer.lora_a_stacked[0].device
@@ -216,10 +218,14 @@ def attach_layer(layer, weights: list, tables: AVTables, rank: int) -> None:
     lora_a = torch.stack([a[:, 0] for a in stacks_a]).contiguous()  # [S, N, R, in]
     lora_b = torch.cat([b[:, 0] for b in stacks_b], dim=1)  # [N, OUT, R], what the CUDA kernel reads best
     slices = [b.shape[2] for b in stacks_b]
-    if device.type == "cpu":  # laid out once for the dense path the CPU layers call
+    if device.type != "cpu":
+        layer._av_a, layer._av_b, layer._av_slices = lora_a, lora_b, slices
+        layer._av_cpu_blend = None
+    elif tables.dense:
         layer._av_cpu_blend = CPUBlend(lora_a, lora_b, slices)
     else:
-        layer._av_a, layer._av_b, layer._av_slices = lora_a, lora_b, slices
+        layer_ranks = [r if w is not None else 0 for r, w in zip(ranks, weights)]
+        layer._av_cpu_blend = NativeCPUBlend(cpu_kernel, lora_a, lora_b, slices, layer_ranks)
     layer._av_tables = tables
 
 
@@ -260,7 +266,8 @@ def install(runner, model, vllm_config, entries: Sequence[AVEntry], config: AVCo
     rank = max(entry.rank for entry in entries)
     device = next(iter(model.parameters())).device
     max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
-    tables = AVTables(max_tokens, config.max_per_request, len(entries), rank, device)
+    cpu_form, cpu_kernel = choose_cpu_blend(config.cpu_blend) if device.type == "cpu" else (None, None)
+    tables = AVTables(max_tokens, config.max_per_request, len(entries), rank, device, dense=cpu_form == "dense")
     layers, max_slices = 0, 0
     for name, layer in manager.modules.items():
         layer._av_skip_stock_lora = not config.stock_lora  # read by the layer hooks
@@ -268,11 +275,14 @@ def install(runner, model, vllm_config, entries: Sequence[AVEntry], config: AVCo
             continue
         weights = [manager._get_lora_layer_weights(lora_model, name) for lora_model in lora_models]
         if any(w is not None for w in weights):
-            attach_layer(layer, weights, tables, rank)
+            attach_layer(layer, weights, tables, rank, [entry.rank for entry in entries], cpu_kernel)
             layers, max_slices = layers + 1, max(max_slices, len(layer.lora_b_stacked))
     if layers == 0:
         raise ValueError("vllm-av: no AV in the library matches a LoRA-capable layer of this model")
-    impl = vllm_av.ops.cuda_impl_name() if device.type == "cuda" else f"dense, {cpu_gemm_backend()} GEMMs (CPU)"
+    if device.type == "cuda":
+        impl = vllm_av.ops.cuda_impl_name()
+    else:
+        impl = "C kernel (CPU, 1 thread)" if cpu_form == "native" else f"dense, {cpu_gemm_backend()} GEMMs (CPU)"
     if impl == "triton":  # the kernel's scratch, sized now: nothing may allocate in a graph capture
         from vllm_av.kernels.blend import reserve_scratch
 

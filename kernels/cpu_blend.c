@@ -1,0 +1,132 @@
+/* The AV blend on CPU, one call per layer, float32:
+ *
+ *   y[t, slice s] += sum_m scale[t,m] * B[index[t,m], s] (A[index[t,m], s] x[t])
+ *
+ * Work grows with the entries the batch uses (index = -1 or scale = 0: none), not with the
+ * library size. Entries are grouped by AV (a counting sort of the [T, M] table), then each AV's
+ * rows are taken two at a time so every A and B row loaded serves two token rows. Built and
+ * loaded at run time by vllm_av/kernels/cpu.py (cc -O3 -march=native), called through ctypes.
+ * GCC vector extensions keep it portable: 8 float lanes are one AVX register, two SSE/NEON ones.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef float v8 __attribute__((vector_size(32), aligned(4)));
+#define LANES 8
+
+static inline v8 load8(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
+static inline void store8(float *p, v8 v) { memcpy(p, &v, sizeof v); }
+static inline float sum8(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+/* One layer's AV weights, laid out once at load. */
+typedef struct {
+    const float *a;          /* [S, N, R, in] */
+    const float *b;          /* per slice s: [N, R, out_size[s]], slices back to back */
+    const int32_t *rank_of;  /* [N]: rows of A / B that hold the AV (<= R; 0 = not on this layer) */
+    const int64_t *out_size; /* [S] */
+    int64_t num_slices, num_avs, max_rank, in;
+} av_weights;
+
+/* h0[r] = c0 * a_r . x0 and h1[r] = c1 * a_r . x1 for r < rank (rows of a are n apart). */
+static void shrink2(float *h0, float *h1, const float *a, const float *x0, const float *x1,
+                    int64_t n, int rank, float c0, float c1) {
+    int r = 0;
+    for (; r + 2 <= rank; r += 2) {
+        const float *a0 = a + r * n, *a1 = a0 + n;
+        v8 s00 = {0}, s01 = {0}, s10 = {0}, s11 = {0};
+        int64_t k = 0;
+        for (; k + LANES <= n; k += LANES) {
+            v8 u = load8(x0 + k), w = load8(x1 + k), p = load8(a0 + k), q = load8(a1 + k);
+            s00 += p * u; s01 += q * u; s10 += p * w; s11 += q * w;
+        }
+        float t00 = sum8(s00), t01 = sum8(s01), t10 = sum8(s10), t11 = sum8(s11);
+        for (; k < n; k++) {
+            t00 += a0[k] * x0[k]; t01 += a1[k] * x0[k]; t10 += a0[k] * x1[k]; t11 += a1[k] * x1[k];
+        }
+        h0[r] = c0 * t00; h0[r + 1] = c0 * t01; h1[r] = c1 * t10; h1[r + 1] = c1 * t11;
+    }
+    for (; r < rank; r++) {
+        const float *a0 = a + r * n;
+        v8 s0 = {0}, s1 = {0};
+        int64_t k = 0;
+        for (; k + LANES <= n; k += LANES) {
+            v8 p = load8(a0 + k);
+            s0 += p * load8(x0 + k); s1 += p * load8(x1 + k);
+        }
+        float t0 = sum8(s0), t1 = sum8(s1);
+        for (; k < n; k++) { t0 += a0[k] * x0[k]; t1 += a0[k] * x1[k]; }
+        h0[r] = c0 * t0; h1[r] = c1 * t1;
+    }
+}
+
+/* y0[o] += sum_r h0[r] b_r[o] and y1[o] += sum_r h1[r] b_r[o] (rows of b are n apart; y1 may be y0). */
+static void expand2(float *y0, float *y1, const float *b, const float *h0, const float *h1, int64_t n, int rank) {
+    int r = 0;
+    for (; r + 2 <= rank; r += 2) {
+        const float *b0 = b + r * n, *b1 = b0 + n;
+        float p0 = h0[r], p1 = h0[r + 1], q0 = h1[r], q1 = h1[r + 1];
+        int64_t o = 0;
+        for (; o + LANES <= n; o += LANES) {
+            v8 u = load8(b0 + o), w = load8(b1 + o);
+            store8(y0 + o, load8(y0 + o) + u * p0 + w * p1);
+            store8(y1 + o, load8(y1 + o) + u * q0 + w * q1);
+        }
+        for (; o < n; o++) {
+            y0[o] += b0[o] * p0 + b1[o] * p1;
+            y1[o] += b0[o] * q0 + b1[o] * q1;
+        }
+    }
+    for (; r < rank; r++) {
+        const float *b0 = b + r * n;
+        float p0 = h0[r], q0 = h1[r];
+        int64_t o = 0;
+        for (; o + LANES <= n; o += LANES) {
+            v8 u = load8(b0 + o);
+            store8(y0 + o, load8(y0 + o) + u * p0);
+            store8(y1 + o, load8(y1 + o) + u * q0);
+        }
+        for (; o < n; o++) { y0[o] += b0[o] * p0; y1[o] += b0[o] * q0; }
+    }
+}
+
+static int usable(const av_weights *w, int32_t i, float c) { return i >= 0 && i < w->num_avs && c != 0.f; }
+
+/* Add the blend of rows [0, T) to y. index/scale: [T, M], row-major. Returns 0, or -1 when out of memory. */
+int av_blend_f32(const av_weights *w, float *y, int64_t y_stride, const float *x, int64_t x_stride,
+                 const int32_t *index, const float *scale, int64_t M, int64_t T) {
+    const int64_t N = w->num_avs, R = w->max_rank, IN = w->in, entries = T * M;
+    int64_t *start = calloc(N + 1, sizeof *start);
+    int64_t *order = malloc((entries > 0 ? entries : 1) * sizeof *order);
+    float *h = malloc(3 * (R > 0 ? R : 1) * sizeof *h);
+    if (!start || !order || !h) { free(start); free(order); free(h); return -1; }
+    for (int64_t e = 0; e < entries; e++)  /* counting sort of the entries by AV */
+        if (usable(w, index[e], scale[e])) start[index[e] + 1]++;
+    for (int64_t i = 0; i < N; i++) start[i + 1] += start[i];
+    for (int64_t e = 0; e < entries; e++)  /* afterwards start[i] is the end of AV i's run */
+        if (usable(w, index[e], scale[e])) order[start[index[e]]++] = e;
+    float *h0 = h, *h1 = h + R, *no_row = h + 2 * R;
+    memset(no_row, 0, R * sizeof *no_row);
+    int64_t begin = 0;
+    for (int64_t i = 0; i < N; i++) {
+        const int64_t end = start[i];
+        const int rank = w->rank_of[i];
+        for (int64_t p = begin; p < end && rank > 0; p += 2) {
+            const int two = p + 1 < end;
+            const int64_t e0 = order[p], e1 = two ? order[p + 1] : e0;
+            const int64_t t0 = e0 / M, t1 = e1 / M;
+            int64_t off = 0;
+            for (int64_t s = 0; s < w->num_slices; s++) {
+                const int64_t n_out = w->out_size[s];
+                const float *a = w->a + (s * N + i) * R * IN;
+                const float *b = w->b + N * R * off + i * R * n_out;
+                shrink2(h0, h1, a, x + t0 * x_stride, x + t1 * x_stride, IN, rank, scale[e0], two ? scale[e1] : 0.f);
+                expand2(y + t0 * y_stride + off, y + t1 * y_stride + off, b, h0, two ? h1 : no_row, n_out, rank);
+                off += n_out;
+            }
+        }
+        begin = end;
+    }
+    free(start); free(order); free(h);
+    return 0;
+}

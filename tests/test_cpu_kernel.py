@@ -1,0 +1,132 @@
+"""The C blend kernel (vllm_av/kernels/cpu_blend.c) against the float64 loop oracle, and its build."""
+
+import logging
+
+import pytest
+import torch
+
+from tests.test_ops_reference import loop_oracle
+from vllm_av.cpu_blend import NativeCPUBlend, choose_cpu_blend
+from vllm_av.kernels import cpu
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    fn = cpu.load()
+    assert fn is not None, "the C blend kernel must build on the CI machine (cc is part of its setup)"
+    return fn
+
+
+def random_case(gen, rows, d_in, out_slices, num_avs, max_rank, m, dtype):
+    """Inputs with per-AV ranks (garbage in the padding rows the kernel must skip) and edge entries."""
+    ranks = torch.randint(1, max_rank + 1, (num_avs,), generator=gen).tolist()
+    ranks[0] = max_rank
+    ranks[-1] = 0  # an AV without weights on this layer
+    a = torch.randn(len(out_slices), num_avs, max_rank, d_in, generator=gen)
+    b = torch.randn(num_avs, sum(out_slices), max_rank, generator=gen)
+    a_true, b_true = a.clone(), b.clone()
+    for n, r in enumerate(ranks):
+        a_true[:, n, r:] = 0
+        b_true[n, :, r:] = 0
+    idx = torch.randint(-1, num_avs, (rows, m), generator=gen, dtype=torch.int32)
+    scale = torch.randn(rows, m, generator=gen) * 2
+    if rows > 3:
+        idx[3] = -1  # a row with no entries
+        scale[2, 0] = 0.0  # a zero scale
+        idx[1, :2] = 0  # the same AV twice in one row
+    x = torch.randn(rows, d_in, generator=gen).to(dtype)
+    y = torch.randn(rows, sum(out_slices), generator=gen).to(dtype)
+    return x, y, a.to(dtype), b.to(dtype), a_true.to(dtype), b_true.to(dtype), idx, scale, ranks
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("out_slices", [[37], [24, 11], [16, 8, 9], [64, 64]])
+@pytest.mark.parametrize("rows, d_in, max_rank, m", [(1, 8, 1, 1), (13, 21, 6, 3), (64, 67, 16, 8), (5, 256, 64, 4)])
+def test_kernel_matches_float64(kernel, dtype, tol, out_slices, rows, d_in, max_rank, m):
+    gen = torch.Generator().manual_seed(rows * 1000 + d_in + len(out_slices) + int(dtype.itemsize))
+    num_avs = 5
+    x, y, a, b, a_true, b_true, idx, scale, ranks = random_case(gen, rows, d_in, out_slices, num_avs, max_rank, m, dtype)
+    want = loop_oracle(y, x, a_true, b_true, idx, scale, out_slices)
+    before = y.clone()
+    NativeCPUBlend(kernel, a, b, out_slices, ranks)(y, x, idx, scale)
+    untouched = [t for t in range(rows) if not ((idx[t] >= 0) & (scale[t] != 0) & (idx[t] < num_avs - 1)).any()]
+    for t in untouched:  # only -1, zero scales, or the rank-0 AV
+        assert torch.equal(y[t], before[t]), f"row {t} has no usable entry and must be untouched"
+    assert (y.double() - want).norm() / want.norm() < tol
+
+
+def test_kernel_reads_strided_input(kernel):
+    gen = torch.Generator().manual_seed(3)
+    x, y, a, b, a_true, b_true, idx, scale, ranks = random_case(gen, 9, 40, [16, 16], 4, 4, 2, torch.float32)
+    wide = torch.randn(9, 80, generator=gen)
+    wide[:, ::2] = x  # x as a view with an inner stride of 2
+    want = loop_oracle(y, x, a_true, b_true, idx, scale, [16, 16])
+    NativeCPUBlend(kernel, a, b, [16, 16], ranks)(y, wide[:, ::2], idx, scale)
+    assert torch.allclose(y.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_refuses_tables_it_cannot_read(kernel):
+    blend = NativeCPUBlend(kernel, torch.zeros(1, 2, 2, 8), torch.zeros(2, 4, 2), [4], [2, 2])
+    y, x = torch.zeros(3, 4), torch.zeros(3, 8)
+    with pytest.raises(ValueError, match="contiguous int32 index"):
+        blend(y, x, torch.zeros(3, 2, dtype=torch.int64), torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="contiguous int32 index"):
+        blend(y, x, torch.zeros(2, 3, dtype=torch.int32).t(), torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="contiguous int32 index"):
+        blend(y, x, torch.zeros(4, 2, dtype=torch.int32), torch.zeros(4, 2))
+
+
+def test_build_is_cached_per_source_and_machine(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_AV_CACHE_DIR", str(tmp_path))
+    cpu.load.cache_clear()
+    try:
+        assert cpu.load() is not None
+        built = list(tmp_path.glob("cpu_blend-*.so"))
+        assert len(built) == 1 and not list(tmp_path.glob("*.tmp"))
+        stamp = built[0].stat().st_mtime_ns
+        cpu.load.cache_clear()
+        assert cpu.load() is not None
+        assert built[0].stat().st_mtime_ns == stamp, "a cached build must be reused"
+    finally:
+        cpu.load.cache_clear()
+
+
+def test_without_a_compiler_auto_falls_back_to_dense_and_native_refuses(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("VLLM_AV_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    cpu.load.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="vllm.av"):
+            assert choose_cpu_blend("auto") == ("dense", None)
+        assert "no C compiler" in caplog.text
+        with pytest.raises(RuntimeError, match="'native' but the C blend kernel could not be built"):
+            choose_cpu_blend("native")
+        assert choose_cpu_blend("dense") == ("dense", None)
+    finally:
+        cpu.load.cache_clear()
+
+
+def test_a_failing_compile_is_reported_not_raised(tmp_path, monkeypatch, caplog):
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo fake-cc && exit 0\necho 'boom: bad flags' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("VLLM_AV_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(fake))
+    cpu.load.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="vllm.av"):
+            assert cpu.load() is None
+        assert "boom: bad flags" in caplog.text
+        assert not list((tmp_path / "cache").glob("*")), "a failed build leaves nothing behind"
+    finally:
+        cpu.load.cache_clear()
+
+
+def test_auto_uses_the_kernel_only_with_one_thread(monkeypatch):
+    kernel = cpu.load()
+    assert kernel is not None
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert choose_cpu_blend("auto") == ("native", kernel)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert choose_cpu_blend("auto") == ("dense", None)
+    assert choose_cpu_blend("native") == ("native", kernel)
