@@ -53,10 +53,10 @@ def _cpu_flags() -> str:
         return ""
 
 
-def _build(compiler: str, out: Path) -> Path:
+def _build(compiler: str, flags: list[str], out: Path) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), version, " ".join(FLAGS), platform.machine(), _cpu_flags()]).encode()
+        "\0".join([SOURCE.read_text(), version, " ".join(flags), platform.machine(), _cpu_flags()]).encode()
     ).hexdigest()[:16]
     target = out / f"cpu_blend-{key}.so"
     if target.exists():
@@ -65,7 +65,7 @@ def _build(compiler: str, out: Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=target.name, suffix=".tmp", dir=out)
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        result = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {result.stderr.strip()[-500:]}")
         os.replace(tmp, target)
@@ -76,14 +76,17 @@ def _build(compiler: str, out: Path) -> Path:
 
 
 @functools.lru_cache(maxsize=None)
-def load():
-    """The kernel's ``av_blend_f32`` (ctypes), or None when it cannot be built here (logged once)."""
+def load(extra_flags: tuple[str, ...] = ()):
+    """The kernel's ``av_blend_f32`` (ctypes), or None when it cannot be built here (logged once).
+
+    ``extra_flags`` (tests): more compiler flags, e.g. ``("-DLANES=8",)`` for the non-AVX-512 width.
+    """
     compiler = os.environ.get("CC") or "cc"
     if shutil.which(compiler) is None:
         logger.warning("vllm-av: no C compiler (%s) found; the CPU blend runs dense over the whole library", compiler)
         return None
     try:
-        path = _build(compiler, cache_dir())
+        path = _build(compiler, [*FLAGS, *extra_flags], cache_dir())
         fn = ctypes.CDLL(str(path)).av_blend_f32
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         logger.warning("vllm-av: could not build the CPU blend kernel (%s); the CPU blend runs dense", exc)

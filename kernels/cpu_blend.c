@@ -6,18 +6,28 @@
  * library size. Entries are grouped by AV (a counting sort of the [T, M] table), then each AV's
  * rows are taken two at a time so every A and B row loaded serves two token rows. Built and
  * loaded at run time by vllm_av/kernels/cpu.py (cc -O3 -march=native), called through ctypes.
- * GCC vector extensions keep it portable: 8 float lanes are one AVX register, two SSE/NEON ones.
+ * GCC vector extensions keep it portable: 16 float lanes on AVX-512 machines, else 8.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-typedef float v8 __attribute__((vector_size(32), aligned(4)));
-#define LANES 8
+#ifndef LANES /* tests build the other width with -DLANES=N */
+#if defined(__AVX512F__)
+#define LANES 16 /* one AVX-512 register */
+#else
+#define LANES 8  /* one AVX register, two SSE / NEON ones */
+#endif
+#endif
+typedef float vec __attribute__((vector_size(LANES * 4), aligned(4)));
 
-static inline v8 load8(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
-static inline void store8(float *p, v8 v) { memcpy(p, &v, sizeof v); }
-static inline float sum8(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+static inline vec load(const float *p) { vec v; memcpy(&v, p, sizeof v); return v; }
+static inline void store(float *p, vec v) { memcpy(p, &v, sizeof v); }
+static inline float sum(vec v) {
+    float s = 0.f;
+    for (int l = 0; l < LANES; l++) s += v[l];
+    return s;
+}
 
 /* One layer's AV weights, laid out once at load. */
 typedef struct {
@@ -34,13 +44,13 @@ static void shrink2(float *h0, float *h1, const float *a, const float *x0, const
     int r = 0;
     for (; r + 2 <= rank; r += 2) {
         const float *a0 = a + r * n, *a1 = a0 + n;
-        v8 s00 = {0}, s01 = {0}, s10 = {0}, s11 = {0};
+        vec s00 = {0}, s01 = {0}, s10 = {0}, s11 = {0};
         int64_t k = 0;
         for (; k + LANES <= n; k += LANES) {
-            v8 u = load8(x0 + k), w = load8(x1 + k), p = load8(a0 + k), q = load8(a1 + k);
+            vec u = load(x0 + k), w = load(x1 + k), p = load(a0 + k), q = load(a1 + k);
             s00 += p * u; s01 += q * u; s10 += p * w; s11 += q * w;
         }
-        float t00 = sum8(s00), t01 = sum8(s01), t10 = sum8(s10), t11 = sum8(s11);
+        float t00 = sum(s00), t01 = sum(s01), t10 = sum(s10), t11 = sum(s11);
         for (; k < n; k++) {
             t00 += a0[k] * x0[k]; t01 += a1[k] * x0[k]; t10 += a0[k] * x1[k]; t11 += a1[k] * x1[k];
         }
@@ -48,13 +58,13 @@ static void shrink2(float *h0, float *h1, const float *a, const float *x0, const
     }
     for (; r < rank; r++) {
         const float *a0 = a + r * n;
-        v8 s0 = {0}, s1 = {0};
+        vec s0 = {0}, s1 = {0};
         int64_t k = 0;
         for (; k + LANES <= n; k += LANES) {
-            v8 p = load8(a0 + k);
-            s0 += p * load8(x0 + k); s1 += p * load8(x1 + k);
+            vec p = load(a0 + k);
+            s0 += p * load(x0 + k); s1 += p * load(x1 + k);
         }
-        float t0 = sum8(s0), t1 = sum8(s1);
+        float t0 = sum(s0), t1 = sum(s1);
         for (; k < n; k++) { t0 += a0[k] * x0[k]; t1 += a0[k] * x1[k]; }
         h0[r] = c0 * t0; h1[r] = c1 * t1;
     }
@@ -68,9 +78,9 @@ static void expand2(float *y0, float *y1, const float *b, const float *h0, const
         float p0 = h0[r], p1 = h0[r + 1], q0 = h1[r], q1 = h1[r + 1];
         int64_t o = 0;
         for (; o + LANES <= n; o += LANES) {
-            v8 u = load8(b0 + o), w = load8(b1 + o);
-            store8(y0 + o, load8(y0 + o) + u * p0 + w * p1);
-            store8(y1 + o, load8(y1 + o) + u * q0 + w * q1);
+            vec u = load(b0 + o), w = load(b1 + o);
+            store(y0 + o, load(y0 + o) + u * p0 + w * p1);
+            store(y1 + o, load(y1 + o) + u * q0 + w * q1);
         }
         for (; o < n; o++) {
             y0[o] += b0[o] * p0 + b1[o] * p1;
@@ -82,9 +92,9 @@ static void expand2(float *y0, float *y1, const float *b, const float *h0, const
         float p0 = h0[r], q0 = h1[r];
         int64_t o = 0;
         for (; o + LANES <= n; o += LANES) {
-            v8 u = load8(b0 + o);
-            store8(y0 + o, load8(y0 + o) + u * p0);
-            store8(y1 + o, load8(y1 + o) + u * q0);
+            vec u = load(b0 + o);
+            store(y0 + o, load(y0 + o) + u * p0);
+            store(y1 + o, load(y1 + o) + u * q0);
         }
         for (; o < n; o++) { y0[o] += b0[o] * p0; y1[o] += b0[o] * q0; }
     }

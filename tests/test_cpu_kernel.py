@@ -55,6 +55,19 @@ def test_kernel_matches_float64(kernel, dtype, tol, out_slices, rows, d_in, max_
     assert (y.double() - want).norm() / want.norm() < tol
 
 
+@pytest.mark.parametrize("lanes", [4, 8, 16])
+def test_every_vector_width_matches_float64(lanes):
+    """The width this CPU does not pick (16 lanes with AVX-512, else 8) is built and checked too."""
+    kernel = cpu.load((f"-DLANES={lanes}",))
+    assert kernel is not None
+    for rows, d_in, out_slices, max_rank in [(13, 21, [16, 8, 9], 6), (40, 67, [64, 64], 16), (3, 256, [37], 64)]:
+        gen = torch.Generator().manual_seed(lanes * 100 + rows)
+        x, y, a, b, a_true, b_true, idx, scale, ranks = random_case(gen, rows, d_in, out_slices, 5, max_rank, 4, torch.float32)
+        want = loop_oracle(y, x, a_true, b_true, idx, scale, out_slices)
+        NativeCPUBlend(kernel, a, b, out_slices, ranks)(y, x, idx, scale)
+        assert (y.double() - want).norm() / want.norm() < 1e-5
+
+
 def test_kernel_reads_strided_input(kernel):
     gen = torch.Generator().manual_seed(3)
     x, y, a, b, a_true, b_true, idx, scale, ranks = random_case(gen, 9, 40, [16, 16], 4, 4, 2, torch.float32)

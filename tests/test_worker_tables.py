@@ -120,3 +120,26 @@ def test_table_overflow_is_an_error(dense):
     state = make_state(dense, max_tokens=4)
     with pytest.raises(ValueError, match="exceed the AV table size"):
         state.update(["r"], np.array([5]), requests({"r": {"a": 1.0}}))
+
+
+def test_cpu_blends_read_the_filled_tables(dense):
+    """What the layer hook runs on CPU: each blend's ``from_tables`` on a step's tables, against float64."""
+    from tests.test_ops_reference import loop_oracle
+    from vllm_av.cpu_blend import CPUBlend, NativeCPUBlend
+    from vllm_av.kernels.cpu import load
+
+    state = make_state(dense)
+    reqs = requests({"r0": {"a": 0.5, "c": -1.5}, "r1": None, "r2": {"d": 2.0}, "r3": {"a": 1.0, "b": 0.25, "d": -0.5}})
+    counts = [3, 1, 2, 1]
+    state.update(list(reqs), np.array(counts), reqs)
+    gen = torch.Generator().manual_seed(11)
+    slices, d_in, rows = [6, 5], 9, sum(counts)
+    a = torch.randn(len(slices), len(NAMES), RANK, d_in, generator=gen)
+    b = torch.randn(len(NAMES), sum(slices), RANK, generator=gen)
+    x, y = torch.randn(rows, d_in, generator=gen), torch.randn(rows, sum(slices), generator=gen)
+    idx = torch.tensor(sum(([expected_rows(reqs[r].mix, 3)[0]] * c for r, c in zip(reqs, counts)), []), dtype=torch.int32)
+    scale = torch.tensor(sum(([expected_rows(reqs[r].mix, 3)[1]] * c for r, c in zip(reqs, counts)), []))
+    want = loop_oracle(y, x, a, b, idx, scale, slices)
+    blend = CPUBlend(a, b, slices) if dense else NativeCPUBlend(load(), a, b, slices, [RANK] * len(NAMES))
+    blend.from_tables(y, x, state.tables)
+    assert torch.allclose(y.double(), want, rtol=1e-5, atol=1e-5)

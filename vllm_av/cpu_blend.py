@@ -80,6 +80,10 @@ class CPUBlend:
         else:  # accumulate in float32, round once (as the op does)
             y.copy_(y.to(torch.float32).add_(delta).to(y.dtype))
 
+    def from_tables(self, y: torch.Tensor, x: torch.Tensor, tables) -> None:
+        """The layer hook's call: the coefficients of the step's first ``len(y)`` rows in ``tables``."""
+        self(y, x, tables.coef_rank[: y.shape[0]])
+
 
 class NativeCPUBlend:
     """``y[t] += sum_m scale[t,m] * B_i A_i x[t]`` (``i = index[t,m]``) for one layer, by the C kernel.
@@ -109,19 +113,26 @@ class NativeCPUBlend:
 
     def __call__(self, y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, scale: torch.Tensor) -> None:
         """Add the blend of ``index/scale [T, M]`` (int32 / float32, contiguous) to ``y [T, OUT]``."""
+        if not (index.dtype == torch.int32 and scale.dtype == torch.float32 and index.is_contiguous()
+                and scale.is_contiguous() and index.shape == scale.shape and index.shape[0] == y.shape[0] == x.shape[0]):
+            raise ValueError("vllm-av: the CPU blend kernel needs contiguous int32 index and float32 scale of [T, M]")
+        self._add(y, x, index.data_ptr(), scale.data_ptr(), index.shape[1])
+
+    def from_tables(self, y: torch.Tensor, x: torch.Tensor, tables) -> None:
+        """The layer hook's call: the step's first ``len(y)`` rows of the op-form ``tables`` (not re-checked)."""
+        self._add(y, x, tables.index.data_ptr(), tables.scale.data_ptr(), tables.index.shape[1])
+
+    def _add(self, y: torch.Tensor, x: torch.Tensor, index_ptr: int, scale_ptr: int, width: int) -> None:
         rows = y.shape[0]
         if rows == 0:
             return
-        if not (index.dtype == torch.int32 and scale.dtype == torch.float32 and index.is_contiguous()
-                and scale.is_contiguous() and index.shape == scale.shape and index.shape[0] == rows == x.shape[0]):
-            raise ValueError("vllm-av: the CPU blend kernel needs contiguous int32 index and float32 scale of [T, M]")
         if x.dtype != torch.float32 or x.stride(-1) != 1:
             x = x.to(torch.float32).contiguous()
         direct = y.dtype == torch.float32 and y.stride(-1) == 1
         acc = y if direct else torch.zeros(y.shape, dtype=torch.float32)
         status = self.kernel(
             self._weights_ref, acc.data_ptr(), acc.stride(0), x.data_ptr(), x.stride(0),
-            index.data_ptr(), scale.data_ptr(), index.shape[1], rows,
+            index_ptr, scale_ptr, width, rows,
         )
         if status != 0:
             raise MemoryError("vllm-av: the CPU blend kernel could not allocate its scratch")

@@ -73,10 +73,7 @@ def _install_layer_hook() -> None:
                 y, x2d, self._av_a, self._av_b, tables.index[:num_tokens], tables.scale[:num_tokens], self._av_slices
             )
         elif tables.active:  # CPU: nothing is compiled or captured, so steps without mixes are skipped
-            if tables.dense:
-                cpu_blend(y, x2d, tables.coef_rank[:num_tokens])
-            else:
-                cpu_blend(y, x2d, tables.index[:num_tokens], tables.scale[:num_tokens])
+            cpu_blend.from_tables(y, x2d, tables)
         return output
 
     BaseLinearLayerWithLoRA._apply_lora_to_output = _apply_lora_to_output
