@@ -98,7 +98,8 @@ def build_workloads(args, names: list[str], lora_mixes: list[dict]) -> list[Work
 
 def server_commands(args, library: Path, lora_dir: Path, n_mixes: int, lora_rank: int) -> dict[str, list[str]]:
     vanilla = shlex.split(args.server_cmd) + [args.model] + shlex.split(args.server_args)
-    av = [*vanilla, "--enable-av", "--av-path", str(library), "--av-max-abs-scale", str(args.max_abs_scale)]
+    av = [*vanilla, "--enable-av", "--av-path", str(library), "--av-max-abs-scale", str(args.max_abs_scale),
+          "--av-cpu-blend", args.av_cpu_blend]
     max_loras = min(args.max_loras, n_mixes)
     lora = [*vanilla, "--enable-lora", "--max-loras", str(max_loras), "--max-cpu-loras", str(n_mixes),
             "--max-lora-rank", str(lora_rank), "--lora-modules",
@@ -204,17 +205,19 @@ def run_offline(args, library: Path, lora_dir: Path, workloads: list[Workload], 
     """Peak throughput: ``LLM.generate`` over each workload's request list.
 
     One engine per server kind, all started first; then every workload runs once per round,
-    interleaved, for ``--offline-rounds`` rounds, each after a ``--offline-settle`` pause.
-    Reported: the median over rounds and, per workload, the median of its per-round ratio to
-    ``base`` (and ``av-distinct`` to ``av-same``), so that a drift in machine load hits every
-    workload of a round alike.
+    interleaved (the order rotated by one each round, so no workload always follows the same
+    one), for ``--offline-rounds`` rounds, each after a ``--offline-settle`` pause. Reported: the
+    median over rounds and, per workload, its per-round ratios to ``base`` and their median (and
+    ``av-distinct`` to ``av-same``), so that a drift in machine load hits every workload of a
+    round alike.
     """
     from vllm import LLM
 
     engine_kwargs = json.loads(args.offline_engine_kwargs)
     configs = {
         "vanilla": {},
-        "av": {"additional_config": {"av": {"path": str(library), "max_abs_scale": args.max_abs_scale}}},
+        "av": {"additional_config": {"av": {"path": str(library), "max_abs_scale": args.max_abs_scale,
+                                            "cpu_blend": args.av_cpu_blend}}},
         "lora": {"enable_lora": True, "max_loras": min(args.max_loras, n_mixes), "max_cpu_loras": n_mixes,
                  "max_lora_rank": lora_rank},
     }
@@ -224,8 +227,8 @@ def run_offline(args, library: Path, lora_dir: Path, workloads: list[Workload], 
         jobs = [(w.name, engines[w.server], *offline_inputs(w, lora_dir)) for w in workloads]
         for _, llm, prompts, params, loras in jobs:  # warm-up, not recorded
             llm.generate(prompts[:8], params[:8], lora_request=loras[:8], use_tqdm=False)
-        for _ in range(args.offline_rounds):
-            for name, llm, prompts, params, loras in jobs:
+        for r in range(args.offline_rounds):
+            for name, llm, prompts, params, loras in jobs[r % len(jobs):] + jobs[: r % len(jobs)]:
                 # vLLM's workers busy-poll for 1 s after their last step: let the previous engine's
                 # go idle, else they share a core with the engine being timed
                 time.sleep(args.offline_settle)
@@ -239,16 +242,16 @@ def run_offline(args, library: Path, lora_dir: Path, workloads: list[Workload], 
         for llm in engines.values():
             llm.llm_engine.engine_core.shutdown()  # else the engines may outlive the run (or the process)
 
-    def ratio(name: str, other: str) -> float | None:
-        if other not in rounds:
-            return None
-        return statistics.median(r["output_tok_per_s"] / o["output_tok_per_s"] for r, o in zip(rounds[name], rounds[other]))
+    def ratios(name: str, other: str) -> list[float]:
+        return [r["output_tok_per_s"] / o["output_tok_per_s"] for r, o in zip(rounds[name], rounds.get(other, []))]
 
     out = {}
     for name, rs in rounds.items():
-        out[name] = {**median_rounds(rs), "rounds": rs, "vs_base": ratio(name, "base")}
-    if "av-distinct" in out:
-        out["av-distinct"]["vs_av_same"] = ratio("av-distinct", "av-same")
+        per_round = ratios(name, "base")
+        out[name] = {**median_rounds(rs), "rounds": rs, "vs_base_rounds": per_round,
+                     "vs_base": statistics.median(per_round) if per_round else None}
+    if "av-distinct" in out and "av-same" in out:
+        out["av-distinct"]["vs_av_same"] = statistics.median(ratios("av-distinct", "av-same"))
     return out
 
 
@@ -294,10 +297,13 @@ def markdown_table(online: dict, offline: dict) -> str:
                      f"{r['itl_ms_p50']:.2f} / {r['itl_ms_p99']:.2f} | {r['errors']} |")
     if offline:
         lines += [""] if lines else []
-        lines += ["| offline workload | req/s | out tok/s | vs base (median of rounds) |", "|---|---:|---:|---:|"]
+        lines += ["| offline workload | req/s | out tok/s | vs base (median of rounds) | vs base, lowest–highest round |",
+                  "|---|---:|---:|---:|---:|"]
         for name, r in offline.items():
+            per_round = r.get("vs_base_rounds") or []
             ratio = f"{r['vs_base']:.3f}" if r.get("vs_base") is not None else "n/a"
-            lines.append(f"| {name} | {r['request_per_s']:.2f} | {r['output_tok_per_s']:.1f} | {ratio} |")
+            spread = f"{min(per_round):.3f}–{max(per_round):.3f}" if per_round else "n/a"
+            lines.append(f"| {name} | {r['request_per_s']:.2f} | {r['output_tok_per_s']:.1f} | {ratio} | {spread} |")
         if offline.get("av-distinct", {}).get("vs_av_same") is not None:
             lines.append(f"\noffline av-distinct / av-same (median of rounds): {offline['av-distinct']['vs_av_same']:.3f}")
     return "\n".join(lines)
@@ -357,6 +363,8 @@ def parse_args(argv=None):
     p.add_argument("--k", type=int, default=4, help="AVs per request mix")
     p.add_argument("--max-abs-scale", type=float, default=2.0)
     p.add_argument("--num-avs", type=int, default=8, help="AVs in the built tiny library")
+    p.add_argument("--av-cpu-blend", choices=["auto", "native", "dense"], default="auto",
+                   help="the AV engine's CPU blend (--av-cpu-blend of vllm serve)")
     p.add_argument("--lora-mixes", type=int, default=64, help="distinct mixes materialised for lora-per-mix")
     p.add_argument("--max-loras", type=int, default=8, help="vLLM --max-loras for lora-per-mix")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")

@@ -46,7 +46,7 @@ def test_serve_bench_offline_smoke(tmp_path):
     assert offline.keys() == {"base", "av-distinct", "av-same"}
     assert offline["base"]["vs_base"] == 1.0
     for name, result in offline.items():
-        assert len(result["rounds"]) == 1
+        assert len(result["rounds"]) == 1 and len(result["vs_base_rounds"]) == 1
         assert math.isfinite(result["output_tok_per_s"]) and result["output_tok_per_s"] > 0, name
     assert 0 < offline["av-distinct"]["vs_av_same"] < 10
     assert "| offline workload |" in out.with_suffix(".md").read_text()
