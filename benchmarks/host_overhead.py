@@ -1,7 +1,8 @@
 """Per-step host cost of the plugin: filling the AV tables for a batch (``AVWorkerState.update``).
 
-Both table forms: ``op`` (index/scale, what the CUDA kernel reads; the copy to the GPU is not
-included) and ``dense`` (the CPU layers' coefficient table, rank 16: 1024 floats per token).
+Both table forms: ``op`` (index/scale, what the CUDA kernel and the CPU C kernel read; the copy
+to the GPU is not included) and ``dense`` (the dense CPU blend's coefficient table, rank 16: 1024
+floats per token).
 Decode steps (one token per request) at 1, 64, 256 and 1024 running requests, each request with
 its own random mix of up to 8 AVs from a library of 64, after the mixes are cached (the steady
 state: a request's mix is parsed once, when it is first scheduled). Also the first step of a

@@ -1,7 +1,8 @@
 """Build and load the C blend kernel (``cpu_blend.c``) for this machine, once per process.
 
 The kernel is compiled at first use with the system C compiler (``$CC``, else ``cc``) at
-``-O3 -march=native`` -- as torch inductor does for its CPU code -- into a cache directory
+``-O3 -march=native -fopenmp`` (without OpenMP where the compiler has none: one thread) -- as
+torch inductor does for its CPU code -- into a cache directory
 (``$VLLM_AV_CACHE_DIR``, else ``$XDG_CACHE_HOME/vllm-av``, else ``~/.cache/vllm-av``), keyed by
 the source, the compiler and this CPU's feature flags, so a cache shared between machines never
 hands one a binary built for another. Concurrent processes build to a temporary name and
@@ -86,7 +87,11 @@ def load(extra_flags: tuple[str, ...] = ()):
         logger.warning("vllm-av: no C compiler (%s) found; the CPU blend runs dense over the whole library", compiler)
         return None
     try:
-        path = _build(compiler, [*FLAGS, *extra_flags], cache_dir())
+        try:  # OpenMP: large calls use torch's threads (the runtime torch loaded, found by its soname)
+            path = _build(compiler, [*FLAGS, "-fopenmp", *extra_flags], cache_dir())
+        except RuntimeError as exc:
+            logger.info("vllm-av: the CPU blend kernel builds without OpenMP here (one thread): %s", exc)
+            path = _build(compiler, [*FLAGS, *extra_flags], cache_dir())
         fn = ctypes.CDLL(str(path)).av_blend_f32
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         logger.warning("vllm-av: could not build the CPU blend kernel (%s); the CPU blend runs dense", exc)

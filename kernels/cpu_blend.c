@@ -5,12 +5,15 @@
  * Work grows with the entries the batch uses (index = -1 or scale = 0: none), not with the
  * library size. Entries are grouped by AV (a counting sort of the [T, M] table), then each AV's
  * rows are taken two at a time so every A and B row loaded serves two token rows. Built and
- * loaded at run time by vllm_av/kernels/cpu.py (cc -O3 -march=native), called through ctypes.
+ * loaded at run time by vllm_av/kernels/cpu.py (cc -O3 -march=native -fopenmp), called through ctypes.
  * GCC vector extensions keep it portable: 16 float lanes on AVX-512 machines, else 8.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #ifndef LANES /* tests build the other width with -DLANES=N */
 #if defined(__AVX512F__)
@@ -103,25 +106,27 @@ static void expand2(float *y0, float *y1, const float *b, const float *h0, const
 static int usable(const av_weights *w, int32_t i, float c) { return i >= 0 && i < w->num_avs && c != 0.f; }
 
 /* Add the blend of rows [0, T) to y. index/scale: [T, M], row-major. Returns 0, or -1 when out of memory. */
-int av_blend_f32(const av_weights *w, float *y, int64_t y_stride, const float *x, int64_t x_stride,
-                 const int32_t *index, const float *scale, int64_t M, int64_t T) {
-    const int64_t N = w->num_avs, R = w->max_rank, IN = w->in, entries = T * M;
-    int64_t *start = calloc(N + 1, sizeof *start);
-    int64_t *order = malloc((entries > 0 ? entries : 1) * sizeof *order);
-    float *h = malloc(3 * (R > 0 ? R : 1) * sizeof *h);
-    if (!start || !order || !h) { free(start); free(order); free(h); return -1; }
-    for (int64_t e = 0; e < entries; e++)  /* counting sort of the entries by AV */
-        if (usable(w, index[e], scale[e])) start[index[e] + 1]++;
-    for (int64_t i = 0; i < N; i++) start[i + 1] += start[i];
-    for (int64_t e = 0; e < entries; e++)  /* afterwards start[i] is the end of AV i's run */
-        if (usable(w, index[e], scale[e])) order[start[index[e]]++] = e;
+/* First p in [lo, hi) with order[p] >= e (order is increasing within an AV's run). */
+static int64_t first_at_or_after(const int64_t *order, int64_t lo, int64_t hi, int64_t e) {
+    while (lo < hi) {
+        int64_t mid = lo + (hi - lo) / 2;
+        if (order[mid] < e) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+}
+
+/* The blend of the entries [e_lo, e_hi) (whole token rows), AV by AV; runs[i]..runs[i+1] is AV i's run. */
+static void blend_entries(const av_weights *w, float *y, int64_t y_stride, const float *x, int64_t x_stride,
+                          const float *scale, int64_t M, const int64_t *runs, const int64_t *order,
+                          int64_t e_lo, int64_t e_hi, float *h) {
+    const int64_t N = w->num_avs, R = w->max_rank, IN = w->in;
     float *h0 = h, *h1 = h + R, *no_row = h + 2 * R;
     memset(no_row, 0, R * sizeof *no_row);
-    int64_t begin = 0;
     for (int64_t i = 0; i < N; i++) {
-        const int64_t end = start[i];
         const int rank = w->rank_of[i];
-        for (int64_t p = begin; p < end && rank > 0; p += 2) {
+        if (rank <= 0) continue;
+        const int64_t end = first_at_or_after(order, runs[i], runs[i + 1], e_hi);
+        for (int64_t p = first_at_or_after(order, runs[i], runs[i + 1], e_lo); p < end; p += 2) {
             const int two = p + 1 < end;
             const int64_t e0 = order[p], e1 = two ? order[p + 1] : e0;
             const int64_t t0 = e0 / M, t1 = e1 / M;
@@ -135,8 +140,44 @@ int av_blend_f32(const av_weights *w, float *y, int64_t y_stride, const float *x
                 off += n_out;
             }
         }
-        begin = end;
     }
-    free(start); free(order); free(h);
+}
+
+/* Rows per thread below which a call stays on one thread (a parallel region costs a few us). */
+#define MIN_ROWS_PER_THREAD 64
+
+/* Add the blend of rows [0, T) to y. index/scale: [T, M], row-major. Returns 0, or -1 when out of memory.
+ * Built with OpenMP (the runtime torch already loaded), large calls split the rows over torch's threads:
+ * each thread owns whole rows, so no two threads write one row. */
+int av_blend_f32(const av_weights *w, float *y, int64_t y_stride, const float *x, int64_t x_stride,
+                 const int32_t *index, const float *scale, int64_t M, int64_t T) {
+    const int64_t N = w->num_avs, R = w->max_rank > 0 ? w->max_rank : 1, entries = T * M;
+    int chunks = 1;
+#ifdef _OPENMP
+    chunks = omp_get_max_threads();
+    if (chunks > T / MIN_ROWS_PER_THREAD) chunks = (int)(T / MIN_ROWS_PER_THREAD);
+    if (chunks < 1) chunks = 1;
+#endif
+    int64_t *runs = calloc(N + 1, sizeof *runs);
+    int64_t *order = malloc((entries > 0 ? entries : 1) * sizeof *order);
+    float *h = malloc(chunks * 3 * R * sizeof *h);
+    if (!runs || !order || !h) { free(runs); free(order); free(h); return -1; }
+    for (int64_t e = 0; e < entries; e++)  /* counting sort of the entries by AV (stable: e increases in a run) */
+        if (usable(w, index[e], scale[e])) runs[index[e] + 1]++;
+    for (int64_t i = 0; i < N; i++) runs[i + 1] += runs[i];
+    int64_t *next = malloc((N > 0 ? N : 1) * sizeof *next);
+    if (!next) { free(runs); free(order); free(h); return -1; }
+    memcpy(next, runs, N * sizeof *next);
+    for (int64_t e = 0; e < entries; e++)
+        if (usable(w, index[e], scale[e])) order[next[index[e]]++] = e;
+    free(next);
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(chunks) schedule(static) if (chunks > 1)
+#endif
+    for (int c = 0; c < chunks; c++) {
+        const int64_t t_lo = T * c / chunks, t_hi = T * (c + 1) / chunks;
+        blend_entries(w, y, y_stride, x, x_stride, scale, M, runs, order, t_lo * M, t_hi * M, h + (int64_t)c * 3 * R);
+    }
+    free(runs); free(order); free(h);
     return 0;
 }

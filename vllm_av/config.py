@@ -34,8 +34,8 @@ class AVConfig:
         support was switched on only to carry the AVs: then vLLM's own (empty) LoRA math is
         skipped on every layer and LoRA requests are refused.
     cpu_blend: how CPU layers blend: ``native`` (the C kernel: cost grows with the AVs each
-        request uses, one thread), ``dense`` (GEMMs over the whole library, oneDNN threads), or
-        ``auto`` (native when it builds and the worker runs one thread, else dense).
+        request uses), ``dense`` (GEMMs over the whole library), or ``auto`` (native when the
+        kernel builds here, else dense).
     """
 
     path: str

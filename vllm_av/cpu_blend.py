@@ -1,8 +1,8 @@
 """The AV blend of one CPU layer, in two forms (chosen per engine by :func:`choose_cpu_blend`).
 
 * :class:`NativeCPUBlend` -- the C kernel of :mod:`vllm_av.kernels.cpu`: work grows with the
-  entries each row uses, not with the library size; one thread. It reads the op's
-  ``index/scale [T, M]`` tables.
+  entries each row uses, not with the library size; large calls split their rows over torch's
+  threads. It reads the op's ``index/scale [T, M]`` tables.
 * :class:`CPUBlend` -- the dense math of :func:`vllm_av.ops.blend_scaled_ranks` over every AV
   of the library, with vLLM-CPU's prepacked oneDNN GEMMs where the build has them (multi-threaded),
   else aten. It reads the dense ``coef_rank`` table.
@@ -38,17 +38,17 @@ def cpu_gemm_backend() -> str:
 def choose_cpu_blend(choice: str = "auto"):
     """``(form, kernel)`` for ``av.cpu_blend``: ``("native", kernel)`` or ``("dense", None)``.
 
-    ``auto`` takes the C kernel when it builds and the worker runs one torch thread (the kernel
-    is single-threaded; with more threads the dense oneDNN GEMMs share the cores).
+    ``auto`` takes the C kernel whenever it builds here, else the dense path (with the warning
+    :func:`vllm_av.kernels.cpu.load` logs); ``native`` refuses to go without it.
     """
     if choice == "dense":
         return "dense", None
     from vllm_av.kernels.cpu import load
 
     kernel = load()
-    if choice == "native" and kernel is None:
-        raise RuntimeError("vllm-av: av.cpu_blend is 'native' but the C blend kernel could not be built (see the warning)")
-    if kernel is None or (choice == "auto" and torch.get_num_threads() > 1):
+    if kernel is None:
+        if choice == "native":
+            raise RuntimeError("vllm-av: av.cpu_blend is 'native' but the C blend kernel could not be built (see the warning)")
         return "dense", None
     return "native", kernel
 

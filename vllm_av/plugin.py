@@ -86,9 +86,9 @@ def _install_cli_args() -> None:
                            help="Refuse a broken AV with a one-line warning and serve the rest "
                                 "(default: a broken AV stops the start).")
         group.add_argument("--av-cpu-blend", choices=CPU_BLENDS, default=defaults.cpu_blend,
-                           help="CPU only: 'native' (C kernel, cost grows with the AVs a request uses, one thread), "
-                                "'dense' (GEMMs over the whole library, all threads), or 'auto' (native when it "
-                                "builds and the worker runs one thread).")
+                           help="CPU only: 'native' (a C kernel whose cost grows with the AVs a request uses), "
+                                "'dense' (GEMMs over the whole library), or 'auto' (native when a C compiler "
+                                "builds it, else dense).")
         return parser
 
     def from_cli_args(cls, args):

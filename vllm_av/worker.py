@@ -282,7 +282,7 @@ def install(runner, model, vllm_config, entries: Sequence[AVEntry], config: AVCo
     if device.type == "cuda":
         impl = vllm_av.ops.cuda_impl_name()
     else:
-        impl = "C kernel (CPU, 1 thread)" if cpu_form == "native" else f"dense, {cpu_gemm_backend()} GEMMs (CPU)"
+        impl = "C kernel (CPU)" if cpu_form == "native" else f"dense, {cpu_gemm_backend()} GEMMs (CPU)"
     if impl == "triton":  # the kernel's scratch, sized now: nothing may allocate in a graph capture
         from vllm_av.kernels.blend import reserve_scratch
 
