@@ -34,7 +34,7 @@ static inline float sum(vec v) {
 
 /* One layer's AV weights, laid out once at load. */
 typedef struct {
-    const float *a;          /* [S, N, R, in] */
+    const float *a;          /* [N, S, R, in] */
     const float *b;          /* per slice s: [N, R, out_size[s]], slices back to back */
     const int32_t *rank_of;  /* [N]: rows of A / B that hold the AV (<= R; 0 = not on this layer) */
     const int64_t *out_size; /* [S] */
@@ -120,23 +120,29 @@ static void blend_entries(const av_weights *w, float *y, int64_t y_stride, const
                           const float *scale, int64_t M, const int64_t *runs, const int64_t *order,
                           int64_t e_lo, int64_t e_hi, float *h) {
     const int64_t N = w->num_avs, R = w->max_rank, IN = w->in;
-    float *h0 = h, *h1 = h + R, *no_row = h + 2 * R;
-    memset(no_row, 0, R * sizeof *no_row);
+    const int64_t S = w->num_slices, SR = S * R;
+    float *h0 = h, *h1 = h + SR, *no_row = h + 2 * SR;
+    memset(no_row, 0, SR * sizeof *no_row);
     for (int64_t i = 0; i < N; i++) {
         const int rank = w->rank_of[i];
         if (rank <= 0) continue;
+        const float *a = w->a + i * SR * IN;  /* [S, R, in]: with rank == R, all slices are one block */
         const int64_t end = first_at_or_after(order, runs[i], runs[i + 1], e_hi);
         for (int64_t p = first_at_or_after(order, runs[i], runs[i + 1], e_lo); p < end; p += 2) {
             const int two = p + 1 < end;
             const int64_t e0 = order[p], e1 = two ? order[p + 1] : e0;
             const int64_t t0 = e0 / M, t1 = e1 / M;
+            const float c0 = scale[e0], c1 = two ? scale[e1] : 0.f;
+            if (rank == R)
+                shrink2(h0, h1, a, x + t0 * x_stride, x + t1 * x_stride, IN, (int)SR, c0, c1);
+            else
+                for (int64_t s = 0; s < S; s++)
+                    shrink2(h0 + s * R, h1 + s * R, a + s * R * IN, x + t0 * x_stride, x + t1 * x_stride, IN, rank, c0, c1);
             int64_t off = 0;
-            for (int64_t s = 0; s < w->num_slices; s++) {
+            for (int64_t s = 0; s < S; s++) {
                 const int64_t n_out = w->out_size[s];
-                const float *a = w->a + (s * N + i) * R * IN;
                 const float *b = w->b + N * R * off + i * R * n_out;
-                shrink2(h0, h1, a, x + t0 * x_stride, x + t1 * x_stride, IN, rank, scale[e0], two ? scale[e1] : 0.f);
-                expand2(y + t0 * y_stride + off, y + t1 * y_stride + off, b, h0, two ? h1 : no_row, n_out, rank);
+                expand2(y + t0 * y_stride + off, y + t1 * y_stride + off, b, h0 + s * R, two ? h1 + s * R : no_row, n_out, rank);
                 off += n_out;
             }
         }
@@ -160,7 +166,7 @@ int av_blend_f32(const av_weights *w, float *y, int64_t y_stride, const float *x
 #endif
     int64_t *runs = calloc(N + 1, sizeof *runs);
     int64_t *order = malloc((entries > 0 ? entries : 1) * sizeof *order);
-    float *h = malloc(chunks * 3 * R * sizeof *h);
+    float *h = malloc(chunks * 3 * w->num_slices * R * sizeof *h);
     if (!runs || !order || !h) { free(runs); free(order); free(h); return -1; }
     for (int64_t e = 0; e < entries; e++)  /* counting sort of the entries by AV (stable: e increases in a run) */
         if (usable(w, index[e], scale[e])) runs[index[e] + 1]++;
@@ -176,7 +182,7 @@ int av_blend_f32(const av_weights *w, float *y, int64_t y_stride, const float *x
 #endif
     for (int c = 0; c < chunks; c++) {
         const int64_t t_lo = T * c / chunks, t_hi = T * (c + 1) / chunks;
-        blend_entries(w, y, y_stride, x, x_stride, scale, M, runs, order, t_lo * M, t_hi * M, h + (int64_t)c * 3 * R);
+        blend_entries(w, y, y_stride, x, x_stride, scale, M, runs, order, t_lo * M, t_hi * M, h + (int64_t)c * 3 * w->num_slices * R);
     }
     free(runs); free(order); free(h);
     return 0;

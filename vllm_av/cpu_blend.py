@@ -97,7 +97,7 @@ class NativeCPUBlend:
 
         num_slices, num_avs, max_rank, d_in = lora_a.shape
         self.kernel = kernel
-        self.a = lora_a.to(torch.float32).contiguous()
+        self.a = lora_a.permute(1, 0, 2, 3).to(torch.float32).contiguous()  # [N, S, R, in]: an AV's slices together
         parts, offset = [], 0
         for width in out_slices:  # per slice [N, R, width]: a rank's output row is contiguous
             parts.append(lora_b[:, offset : offset + width].permute(0, 2, 1).reshape(-1))
