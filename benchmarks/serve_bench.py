@@ -9,6 +9,8 @@ Workloads, all on the same synthetic prompts (fixed seed):
 * ``lora-per-mix``  what users do today: each distinct mix materialised offline as its own LoRA
                     (rank concatenation, exact), served by vLLM's native multi-LoRA
 * ``prompt``        the preference written into the prompt instead (the AV paper's baseline)
+* ``av-distinct-dense`` (not run by default) ``av-distinct`` on an AV server with the dense CPU
+                    blend (``--av-cpu-blend dense``), to compare the CPU blends side by side
 
 Online mode (default) drives OpenAI servers over streaming HTTP and reports, per workload,
 request/s, output tok/s, TTFT, TPOT and ITL at p50/p99 (the definitions of ``vllm bench
@@ -85,6 +87,9 @@ def build_workloads(args, names: list[str], lora_mixes: list[dict]) -> list[Work
         Workload("av-distinct", "av", [{"prompt": p, "vllm_xargs": {"av": mix_text(m)}, **common}
                                        for p, m in zip(prompts, distinct)]),
         Workload("av-same", "av", [{"prompt": p, "vllm_xargs": {"av": mix_text(same)}, **common} for p in prompts]),
+        # av-distinct on a second AV engine with the dense CPU blend (CPU only; not run by default)
+        Workload("av-distinct-dense", "av-dense", [{"prompt": p, "vllm_xargs": {"av": mix_text(m)}, **common}
+                                                   for p, m in zip(prompts, distinct)]),
         Workload("lora-per-mix", "lora", [{"prompt": p, "model": f"mix{i % len(lora_mixes)}", **common}
                                           for i, p in enumerate(prompts)]),
         Workload("prompt", "vanilla", [{"prompt": PREFERENCE_PROMPT.format(desc=mix_text(m)) + p, **common}
@@ -98,13 +103,13 @@ def build_workloads(args, names: list[str], lora_mixes: list[dict]) -> list[Work
 
 def server_commands(args, library: Path, lora_dir: Path, n_mixes: int, lora_rank: int) -> dict[str, list[str]]:
     vanilla = shlex.split(args.server_cmd) + [args.model] + shlex.split(args.server_args)
-    av = [*vanilla, "--enable-av", "--av-path", str(library), "--av-max-abs-scale", str(args.max_abs_scale),
-          "--av-cpu-blend", args.av_cpu_blend]
+    av = [*vanilla, "--enable-av", "--av-path", str(library), "--av-max-abs-scale", str(args.max_abs_scale)]
     max_loras = min(args.max_loras, n_mixes)
     lora = [*vanilla, "--enable-lora", "--max-loras", str(max_loras), "--max-cpu-loras", str(n_mixes),
             "--max-lora-rank", str(lora_rank), "--lora-modules",
             *[f"mix{i}={lora_dir / f'mix{i}'}" for i in range(n_mixes)]]
-    return {"vanilla": vanilla, "av": av, "lora": lora}
+    return {"vanilla": vanilla, "av": [*av, "--av-cpu-blend", args.av_cpu_blend],
+            "av-dense": [*av, "--av-cpu-blend", "dense"], "lora": lora}
 
 
 # --------------------------------------------------------------------------- client
@@ -216,8 +221,9 @@ def run_offline(args, library: Path, lora_dir: Path, workloads: list[Workload], 
     engine_kwargs = json.loads(args.offline_engine_kwargs)
     configs = {
         "vanilla": {},
-        "av": {"additional_config": {"av": {"path": str(library), "max_abs_scale": args.max_abs_scale,
-                                            "cpu_blend": args.av_cpu_blend}}},
+        **{kind: {"additional_config": {"av": {"path": str(library), "max_abs_scale": args.max_abs_scale,
+                                               "cpu_blend": blend}}}
+           for kind, blend in (("av", args.av_cpu_blend), ("av-dense", "dense"))},
         "lora": {"enable_lora": True, "max_loras": min(args.max_loras, n_mixes), "max_cpu_loras": n_mixes,
                  "max_lora_rank": lora_rank},
     }
@@ -355,7 +361,8 @@ def parse_args(argv=None):
                    help="command that starts a vLLM OpenAI server for MODEL (GPU: 'vllm serve')")
     p.add_argument("--server-args", default=" ".join([*CPU_FLAGS, "--max-num-seqs", "64"]),
                    help="extra flags for every server (default: the tiny CPU model's)")
-    p.add_argument("--workloads", nargs="+", default=["base", "av-server-base", "av-distinct", "av-same", "lora-per-mix", "prompt"])
+    p.add_argument("--workloads", nargs="+", default=["base", "av-server-base", "av-distinct", "av-same", "lora-per-mix", "prompt"],
+                   help="also: av-distinct-dense (av-distinct with the dense CPU blend, on an engine of its own)")
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--input-len", type=int, default=32, help="prompt length in words")

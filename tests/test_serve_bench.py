@@ -38,12 +38,12 @@ def test_serve_bench_offline_smoke(tmp_path):
     import serve_bench
 
     out = tmp_path / "offline.json"
-    argv = ["--smoke", "--no-online", "--offline", "--workloads", "base", "av-distinct", "av-same",
+    argv = ["--smoke", "--no-online", "--offline", "--workloads", "base", "av-distinct", "av-same", "av-distinct-dense",
             "--work-dir", str(tmp_path / "work"), "--out", str(out)]
     report = serve_bench.main(argv)
     assert report["online"] == {}
     offline = report["offline"]
-    assert offline.keys() == {"base", "av-distinct", "av-same"}
+    assert offline.keys() == {"base", "av-distinct", "av-same", "av-distinct-dense"}
     assert offline["base"]["vs_base"] == 1.0
     for name, result in offline.items():
         assert len(result["rounds"]) == 1 and len(result["vs_base_rounds"]) == 1
