@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vllm_av.config import CPU_BLENDS
 from vllm_av.server_process import CPU_FLAGS, ServerProcess
 
 RESULTS = Path(__file__).parent / "results"
@@ -370,7 +371,7 @@ def parse_args(argv=None):
     p.add_argument("--k", type=int, default=4, help="AVs per request mix")
     p.add_argument("--max-abs-scale", type=float, default=2.0)
     p.add_argument("--num-avs", type=int, default=8, help="AVs in the built tiny library")
-    p.add_argument("--av-cpu-blend", choices=["auto", "native", "dense"], default="auto",
+    p.add_argument("--av-cpu-blend", choices=CPU_BLENDS, default="auto",
                    help="the AV engine's CPU blend (--av-cpu-blend of vllm serve)")
     p.add_argument("--lora-mixes", type=int, default=64, help="distinct mixes materialised for lora-per-mix")
     p.add_argument("--max-loras", type=int, default=8, help="vLLM --max-loras for lora-per-mix")

@@ -197,13 +197,14 @@ class AVWorkerState:
             self.tables.write(self._pool_index[token_rows], self._pool_scale[token_rows], num_tokens)
 
 
-def attach_layer(layer, weights: list, tables: AVTables, rank: int, ranks: list[int], cpu_kernel=None) -> None:
+def attach_layer(layer, weights: list, tables: AVTables, ranks: list[int], cpu_kernel=None) -> None:
     """Load ``weights`` (one vLLM ``LoRALayerWeights`` or None per AV) into ``layer``'s AV buffers.
 
     Uses the layer's own ``set_lora`` on temporary stacks, so vLLM's slicing and packing apply.
-    ``ranks``: each AV's rank; ``cpu_kernel``: the C blend kernel for CPU layers (None: dense).
+    ``ranks``: each AV's rank (buffers are padded to the largest); ``cpu_kernel``: the C blend
+    kernel for CPU layers (None: dense).
     """
-    num_avs = len(weights)
+    num_avs, rank = len(weights), max(ranks)
     dtype, device = layer.lora_a_stacked[0].dtype, layer.lora_a_stacked[0].device
     stacks_a = tuple(torch.zeros(num_avs, 1, rank, a.shape[3], dtype=dtype, device=device) for a in layer.lora_a_stacked)
     stacks_b = tuple(torch.zeros(num_avs, 1, b.shape[2], rank, dtype=dtype, device=device) for b in layer.lora_b_stacked)
@@ -263,7 +264,8 @@ def install(runner, model, vllm_config, entries: Sequence[AVEntry], config: AVCo
 
     manager = runner.lora_manager._adapter_manager
     lora_models = [load_lora_model(runner, entry, lora_id=i + 1) for i, entry in enumerate(entries)]
-    rank = max(entry.rank for entry in entries)
+    ranks = [entry.rank for entry in entries]
+    rank = max(ranks)
     device = next(iter(model.parameters())).device
     max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
     cpu_form, cpu_kernel = choose_cpu_blend(config.cpu_blend) if device.type == "cpu" else (None, None)
@@ -275,7 +277,7 @@ def install(runner, model, vllm_config, entries: Sequence[AVEntry], config: AVCo
             continue
         weights = [manager._get_lora_layer_weights(lora_model, name) for lora_model in lora_models]
         if any(w is not None for w in weights):
-            attach_layer(layer, weights, tables, rank, [entry.rank for entry in entries], cpu_kernel)
+            attach_layer(layer, weights, tables, ranks, cpu_kernel)
             layers, max_slices = layers + 1, max(max_slices, len(layer.lora_b_stacked))
     if layers == 0:
         raise ValueError("vllm-av: no AV in the library matches a LoRA-capable layer of this model")
