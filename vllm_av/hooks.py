@@ -16,9 +16,15 @@ Class-level wraps, each a no-op for runs without ``additional_config["av"]``:
 * ``VocabParallelEmbeddingWithLoRA.forward``, ``LogitsProcessorWithLoRA._get_logits`` -- with
   stock LoRA off, the embedding and the logits run as in vanilla vLLM (every wrapped layer
   skips its empty stock LoRA math, so an AV server costs nothing extra without mixes).
+
+One per-layer patch, :func:`use_base_forward`: on CPU with stock LoRA off (one tensor-parallel
+rank), a wrapped linear layer's ``forward`` becomes its base layer's own forward plus the CPU
+blend, skipping the LoRA wrapper's Python path (a few microseconds per layer call on CPU).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -77,6 +83,25 @@ def _install_layer_hook() -> None:
         return output
 
     BaseLinearLayerWithLoRA._apply_lora_to_output = _apply_lora_to_output
+
+
+def _base_forward_then_blend(layer, x: torch.Tensor):
+    output = layer.base_layer(x)  # vanilla vLLM's forward: (output, bias) or output
+    tables = layer.__dict__.get("_av_tables")
+    if tables is not None and tables.active:
+        y = output[0] if isinstance(output, tuple) else output
+        layer._av_cpu_blend.from_tables(y.flatten(0, 1) if y.ndim == 3 else y, x.flatten(0, 1) if x.ndim == 3 else x, tables)
+    return output
+
+
+def use_base_forward(layer) -> None:
+    """Run ``layer`` (a LoRA-wrapped CPU linear, stock LoRA off, one TP rank) as its base layer + the AV blend.
+
+    The wrapper's ``forward`` (vLLM's copy of the base layer's, with the LoRA add in the middle)
+    is replaced, for this instance only, by the base layer's own forward followed by the blend
+    into its output: the same sum, as the blend is a plain add after the GEMM and its bias.
+    """
+    layer.forward = functools.partial(_base_forward_then_blend, layer)
 
 
 def _install_stock_lora_skips() -> None:

@@ -26,6 +26,7 @@ import torch
 import vllm_av.ops  # registers torch.ops.vllm_av.blend_
 from vllm_av.config import AVConfig
 from vllm_av.cpu_blend import CPUBlend, NativeCPUBlend, choose_cpu_blend, cpu_gemm_backend
+from vllm_av.hooks import use_base_forward
 from vllm_av.library import AVEntry
 from vllm_av.mix import MixError, parse_mix
 
@@ -279,6 +280,8 @@ def install(runner, model, vllm_config, entries: Sequence[AVEntry], config: AVCo
         if any(w is not None for w in weights):
             attach_layer(layer, weights, tables, ranks, cpu_kernel)
             layers, max_slices = layers + 1, max(max_slices, len(layer.lora_b_stacked))
+        if device.type == "cpu" and not config.stock_lora and layer.tp_size == 1:
+            use_base_forward(layer)
     if layers == 0:
         raise ValueError("vllm-av: no AV in the library matches a LoRA-capable layer of this model")
     if device.type == "cuda":
