@@ -94,6 +94,20 @@ def test_plain_batches_do_no_work(dense):
     assert (table == 7).all()
 
 
+def test_a_repeated_step_keeps_the_tables_and_any_change_rewrites_them(dense):
+    state = make_state(dense)
+    reqs = requests({"r1": {"a": 0.5}, "r2": {"b": -1.0}, "r3": None})
+    check(state, reqs, ["r1", "r2"], [1, 1])
+    table = state.tables.coef_rank if dense else state.tables.index
+    table[0].fill_(3)  # poison a batch row: a step that writes restores it
+    state.update(["r1", "r2"], np.array([1, 1]), reqs)  # the same step again: nothing to write
+    assert (table[0] == 3).all()
+    check(state, reqs, ["r1", "r2"], [1, 2])  # another count
+    check(state, reqs, ["r2", "r1"], [1, 2])  # another order
+    check(state, reqs, ["r2", "r3"], [1, 2])  # another request
+    check(state, reqs, ["r2", "r3"], [1, 2])
+
+
 def test_many_requests_recycle_the_mix_pool(dense):
     state = make_state(dense, max_live=1)  # pool capacity 64 distinct mixes
     rng = np.random.default_rng(0)
