@@ -4,8 +4,10 @@
  *
  * Work grows with the entries the batch uses (index = -1 or scale = 0: none), not with the
  * library size. Entries are grouped by AV (a counting sort of the [T, M] table), then each AV's
- * rows are taken two at a time so every A and B row loaded serves two token rows. Built and
- * loaded at run time by vllm_av/kernels/cpu.py (cc -O3 -march=native -fopenmp), called through ctypes.
+ * rows are taken two at a time so every A and B row loaded serves two token rows, and ranks four
+ * at a time (eight independent dot products in the shrink, one pass over y per four ranks in the
+ * expand). Built and loaded at run time by vllm_av/kernels/cpu.py (cc -O3 -march=native -fopenmp),
+ * called through ctypes.
  * GCC vector extensions keep it portable: 16 float lanes on AVX-512 machines, else 8.
  */
 #include <stdint.h>
@@ -32,6 +34,42 @@ static inline float sum(vec v) {
     return s;
 }
 
+typedef float vec4 __attribute__((vector_size(16), aligned(4)));
+
+#if defined(__has_builtin) && !defined(AV_NO_SHUFFLE) /* tests build the fallback with -DAV_NO_SHUFFLE */
+#if __has_builtin(__builtin_shufflevector)
+#define HAVE_SHUFFLE 1
+#endif
+#endif
+
+#if defined(HAVE_SHUFFLE) && (LANES == 16 || LANES == 8 || LANES == 4)
+static inline vec4 fold4(vec v) { /* v's LANES/4 quarters, added */
+#if LANES == 16
+    typedef float vec8 __attribute__((vector_size(32), aligned(4)));
+    vec8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    return __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+#elif LANES == 8
+    return __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+#else
+    return v;
+#endif
+}
+
+/* The lane-sums of a, b, c and d, as one 4-float vector: each folded to 4 lanes, then transposed
+ * and added (a few shuffles instead of 4 x LANES scalar adds). */
+static inline vec4 sum4(vec a, vec b, vec c, vec d) {
+    vec4 p = fold4(a), q = fold4(b), r = fold4(c), s = fold4(d);
+    vec4 pq = __builtin_shufflevector(p, q, 0, 4, 1, 5) + __builtin_shufflevector(p, q, 2, 6, 3, 7);
+    vec4 rs = __builtin_shufflevector(r, s, 0, 4, 1, 5) + __builtin_shufflevector(r, s, 2, 6, 3, 7);
+    return __builtin_shufflevector(pq, rs, 0, 1, 4, 5) + __builtin_shufflevector(pq, rs, 2, 3, 6, 7);
+}
+#else /* compilers without __builtin_shufflevector (GCC < 12) */
+static inline vec4 sum4(vec a, vec b, vec c, vec d) {
+    vec4 s = {sum(a), sum(b), sum(c), sum(d)};
+    return s;
+}
+#endif
+
 /* One layer's AV weights, laid out once at load. */
 typedef struct {
     const float *a;          /* [N, S, R, in] */
@@ -45,6 +83,22 @@ typedef struct {
 static void shrink2(float *h0, float *h1, const float *a, const float *x0, const float *x1,
                     int64_t n, int rank, float c0, float c1) {
     int r = 0;
+    for (; r + 4 <= rank; r += 4) { /* four A rows against two x rows: eight independent sums */
+        const float *a0 = a + r * n, *a1 = a0 + n, *a2 = a1 + n, *a3 = a2 + n;
+        vec s00 = {0}, s01 = {0}, s02 = {0}, s03 = {0}, s10 = {0}, s11 = {0}, s12 = {0}, s13 = {0};
+        int64_t k = 0;
+        for (; k + LANES <= n; k += LANES) {
+            vec u = load(x0 + k), w = load(x1 + k), p = load(a0 + k), q = load(a1 + k), v = load(a2 + k), z = load(a3 + k);
+            s00 += p * u; s01 += q * u; s02 += v * u; s03 += z * u;
+            s10 += p * w; s11 += q * w; s12 += v * w; s13 += z * w;
+        }
+        vec4 t0 = sum4(s00, s01, s02, s03), t1 = sum4(s10, s11, s12, s13);
+        for (; k < n; k++) {
+            t0[0] += a0[k] * x0[k]; t0[1] += a1[k] * x0[k]; t0[2] += a2[k] * x0[k]; t0[3] += a3[k] * x0[k];
+            t1[0] += a0[k] * x1[k]; t1[1] += a1[k] * x1[k]; t1[2] += a2[k] * x1[k]; t1[3] += a3[k] * x1[k];
+        }
+        for (int j = 0; j < 4; j++) { h0[r + j] = c0 * t0[j]; h1[r + j] = c1 * t1[j]; }
+    }
     for (; r + 2 <= rank; r += 2) {
         const float *a0 = a + r * n, *a1 = a0 + n;
         vec s00 = {0}, s01 = {0}, s10 = {0}, s11 = {0};
@@ -53,7 +107,8 @@ static void shrink2(float *h0, float *h1, const float *a, const float *x0, const
             vec u = load(x0 + k), w = load(x1 + k), p = load(a0 + k), q = load(a1 + k);
             s00 += p * u; s01 += q * u; s10 += p * w; s11 += q * w;
         }
-        float t00 = sum(s00), t01 = sum(s01), t10 = sum(s10), t11 = sum(s11);
+        vec4 t = sum4(s00, s01, s10, s11);
+        float t00 = t[0], t01 = t[1], t10 = t[2], t11 = t[3];
         for (; k < n; k++) {
             t00 += a0[k] * x0[k]; t01 += a1[k] * x0[k]; t10 += a0[k] * x1[k]; t11 += a1[k] * x1[k];
         }
@@ -76,6 +131,21 @@ static void shrink2(float *h0, float *h1, const float *a, const float *x0, const
 /* y0[o] += sum_r h0[r] b_r[o] and y1[o] += sum_r h1[r] b_r[o] (rows of b are n apart; y1 may be y0). */
 static void expand2(float *y0, float *y1, const float *b, const float *h0, const float *h1, int64_t n, int rank) {
     int r = 0;
+    for (; r + 4 <= rank; r += 4) {
+        const float *b0 = b + r * n, *b1 = b0 + n, *b2 = b1 + n, *b3 = b2 + n;
+        float p0 = h0[r], p1 = h0[r + 1], p2 = h0[r + 2], p3 = h0[r + 3];
+        float q0 = h1[r], q1 = h1[r + 1], q2 = h1[r + 2], q3 = h1[r + 3];
+        int64_t o = 0;
+        for (; o + LANES <= n; o += LANES) {
+            vec u = load(b0 + o), w = load(b1 + o), v = load(b2 + o), z = load(b3 + o);
+            store(y0 + o, load(y0 + o) + u * p0 + w * p1 + v * p2 + z * p3);
+            store(y1 + o, load(y1 + o) + u * q0 + w * q1 + v * q2 + z * q3);
+        }
+        for (; o < n; o++) {
+            y0[o] += b0[o] * p0 + b1[o] * p1 + b2[o] * p2 + b3[o] * p3;
+            y1[o] += b0[o] * q0 + b1[o] * q1 + b2[o] * q2 + b3[o] * q3;
+        }
+    }
     for (; r + 2 <= rank; r += 2) {
         const float *b0 = b + r * n, *b1 = b0 + n;
         float p0 = h0[r], p1 = h0[r + 1], q0 = h1[r], q1 = h1[r + 1];

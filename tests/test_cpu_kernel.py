@@ -56,9 +56,11 @@ def test_kernel_matches_float64(kernel, dtype, tol, out_slices, rows, d_in, max_
 
 
 @pytest.mark.parametrize("lanes", [4, 8, 16])
-def test_every_vector_width_matches_float64(lanes):
-    """The width this CPU does not pick (16 lanes with AVX-512, else 8) is built and checked too."""
-    kernel = cpu.load((f"-DLANES={lanes}",))
+@pytest.mark.parametrize("shuffles", [True, False], ids=["shuffle_sums", "scalar_sums"])
+def test_every_vector_width_matches_float64(lanes, shuffles):
+    """The width this CPU does not pick (16 lanes with AVX-512, else 8) is built and checked too, as is
+    the lane-sum path of compilers without ``__builtin_shufflevector``."""
+    kernel = cpu.load((f"-DLANES={lanes}",) + (() if shuffles else ("-DAV_NO_SHUFFLE",)))
     assert kernel is not None
     for rows, d_in, out_slices, max_rank in [(13, 21, [16, 8, 9], 6), (40, 67, [64, 64], 16), (3, 256, [37], 64)]:
         gen = torch.Generator().manual_seed(lanes * 100 + rows)
