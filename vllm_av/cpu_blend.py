@@ -110,6 +110,7 @@ class NativeCPUBlend:
             num_slices, num_avs, max_rank, d_in,
         )
         self._weights_ref = ctypes.byref(self.weights)
+        self._table_pointers = None  # (tables, index pointer, scale pointer, width) of the last from_tables
 
     def __call__(self, y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, scale: torch.Tensor) -> None:
         """Add the blend of ``index/scale [T, M]`` (int32 / float32, contiguous) to ``y [T, OUT]``."""
@@ -120,18 +121,24 @@ class NativeCPUBlend:
 
     def from_tables(self, y: torch.Tensor, x: torch.Tensor, tables) -> None:
         """The layer hook's call: the step's first ``len(y)`` rows of the op-form ``tables`` (not re-checked)."""
-        self._add(y, x, tables.index.data_ptr(), tables.scale.data_ptr(), tables.index.shape[1])
+        pointers = self._table_pointers
+        if pointers is None or pointers[0] is not tables:  # the tables' buffers never move: read once
+            pointers = self._table_pointers = (tables, tables.index.data_ptr(), tables.scale.data_ptr(), tables.index.shape[1])
+        self._add(y, x, *pointers[1:])
 
     def _add(self, y: torch.Tensor, x: torch.Tensor, index_ptr: int, scale_ptr: int, width: int) -> None:
         rows = y.shape[0]
         if rows == 0:
             return
-        if x.dtype != torch.float32 or x.stride(-1) != 1:
+        x_stride = x.stride()
+        if x.dtype != torch.float32 or x_stride[-1] != 1:
             x = x.to(torch.float32).contiguous()
-        direct = y.dtype == torch.float32 and y.stride(-1) == 1
+            x_stride = x.stride()
+        y_stride = y.stride()
+        direct = y.dtype == torch.float32 and y_stride[-1] == 1
         acc = y if direct else torch.zeros(y.shape, dtype=torch.float32)
         status = self.kernel(
-            self._weights_ref, acc.data_ptr(), acc.stride(0), x.data_ptr(), x.stride(0),
+            self._weights_ref, acc.data_ptr(), y_stride[0] if direct else acc.stride(0), x.data_ptr(), x_stride[0],
             index_ptr, scale_ptr, width, rows,
         )
         if status != 0:
