@@ -17,7 +17,8 @@ request/s, output tok/s, TTFT, TPOT and ITL at p50/p99 (the definitions of ``vll
 serve``), errors and the exact server command lines. Each server's workloads run in rounds, interleaved,
 and the medians over rounds are reported. It starts the servers itself on 127.0.0.1, one at a
 time, and stops them by PID; with no ``--model`` it builds a tiny model and AV library (CPU demo).
-Offline mode (``--offline``) times ``LLM.generate`` on a fixed request list (peak throughput).
+Offline mode (``--offline``) times ``LLM.generate`` on a fixed request list (peak throughput), with
+``base`` run before and after every other workload so that each ratio compares neighbouring runs.
 
     python benchmarks/serve_bench.py                       # tiny model, CPU, all workloads
     python benchmarks/serve_bench.py --smoke               # a few requests per workload (CI)
@@ -156,7 +157,10 @@ async def run_workload(url: str, model: str, workload: Workload, concurrency: in
             return await stream_one(session, url, payload)
 
     timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    # Idle connections are dropped before the server's keep-alive timeout (uvicorn: 5 s) ends them:
+    # reusing one the server has just closed fails with ServerDisconnectedError (aiohttp's default is 15 s).
+    connector = aiohttp.TCPConnector(keepalive_timeout=3)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         t0 = time.perf_counter()
         results = await asyncio.gather(*(one(session, body) for body in workload.requests))
         duration = time.perf_counter() - t0
@@ -210,12 +214,13 @@ def offline_inputs(workload: Workload, lora_dir: Path) -> tuple[list, list, list
 def run_offline(args, library: Path, lora_dir: Path, workloads: list[Workload], n_mixes: int, lora_rank: int) -> dict:
     """Peak throughput: ``LLM.generate`` over each workload's request list.
 
-    One engine per server kind, all started first; then every workload runs once per round,
-    interleaved (the order rotated by one each round, so no workload always follows the same
-    one), for ``--offline-rounds`` rounds, each after a ``--offline-settle`` pause. Reported: the
-    median over rounds and, per workload, its per-round ratios to ``base`` and their median (and
-    ``av-distinct`` to ``av-same``), so that a drift in machine load hits every workload of a
-    round alike.
+    One engine per server kind, all started first. Each of ``--offline-rounds`` rounds runs every
+    workload once (the order rotated by one each round), with ``base`` run before the first and
+    after each one: a workload's ratio to ``base`` in a round is its throughput over the mean of the
+    two ``base`` runs around it, so a drift in machine load (large on shared machines, over
+    seconds) hits both sides of each ratio alike. Every run follows an ``--offline-settle`` pause.
+    Reported: per workload the median over its runs, its per-round ratios to ``base`` and their
+    median, and ``av-distinct`` over ``av-same`` (the median of the per-round ratio of their ratios).
     """
     from vllm import LLM
 
@@ -230,35 +235,49 @@ def run_offline(args, library: Path, lora_dir: Path, workloads: list[Workload], 
     }
     engines = {kind: LLM(args.model, **engine_kwargs, **configs[kind]) for kind in dict.fromkeys(w.server for w in workloads)}
     rounds: dict[str, list[dict]] = {w.name: [] for w in workloads}
+    vs_base: dict[str, list[float]] = {w.name: [] for w in workloads}
+
+    def timed(name: str) -> float:
+        llm, prompts, params, loras = jobs[name]
+        # vLLM's workers busy-poll for 1 s after their last step: let the previous engine's go
+        # idle, else they share a core with the engine being timed
+        time.sleep(args.offline_settle)
+        t0 = time.perf_counter()
+        outputs = llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
+        duration = time.perf_counter() - t0
+        tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+        rounds[name].append({"duration_s": duration, "request_per_s": len(outputs) / duration,
+                             "output_tok_per_s": tokens / duration})
+        return tokens / duration
+
     try:
-        jobs = [(w.name, engines[w.server], *offline_inputs(w, lora_dir)) for w in workloads]
-        for _, llm, prompts, params, loras in jobs:  # warm-up, not recorded
+        jobs = {w.name: (engines[w.server], *offline_inputs(w, lora_dir)) for w in workloads}
+        for llm, prompts, params, loras in jobs.values():  # warm-up, not recorded
             llm.generate(prompts[:8], params[:8], lora_request=loras[:8], use_tqdm=False)
+        others = [name for name in jobs if name != "base"]
         for r in range(args.offline_rounds):
-            for name, llm, prompts, params, loras in jobs[r % len(jobs):] + jobs[: r % len(jobs)]:
-                # vLLM's workers busy-poll for 1 s after their last step: let the previous engine's
-                # go idle, else they share a core with the engine being timed
-                time.sleep(args.offline_settle)
-                t0 = time.perf_counter()
-                outputs = llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
-                duration = time.perf_counter() - t0
-                tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-                rounds[name].append({"duration_s": duration, "request_per_s": len(outputs) / duration,
-                                     "output_tok_per_s": tokens / duration})
+            order = others[r % len(others):] + others[: r % len(others)] if others else []
+            before = timed("base") if "base" in jobs else None
+            for name in order:
+                throughput = timed(name)
+                if before is not None:  # base around every workload
+                    after = timed("base")
+                    vs_base[name].append(throughput / ((before + after) / 2))
+                    before = after
+            if before is not None:
+                vs_base["base"].append(1.0)
     finally:
         for llm in engines.values():
             llm.llm_engine.engine_core.shutdown()  # else the engines may outlive the run (or the process)
 
-    def ratios(name: str, other: str) -> list[float]:
-        return [r["output_tok_per_s"] / o["output_tok_per_s"] for r, o in zip(rounds[name], rounds.get(other, []))]
-
     out = {}
     for name, rs in rounds.items():
-        per_round = ratios(name, "base")
+        per_round = vs_base[name]
         out[name] = {**median_rounds(rs), "rounds": rs, "vs_base_rounds": per_round,
                      "vs_base": statistics.median(per_round) if per_round else None}
-    if "av-distinct" in out and "av-same" in out:
-        out["av-distinct"]["vs_av_same"] = statistics.median(ratios("av-distinct", "av-same"))
+    if vs_base.get("av-distinct") and vs_base.get("av-same"):
+        out["av-distinct"]["vs_av_same"] = statistics.median(
+            d / s for d, s in zip(vs_base["av-distinct"], vs_base["av-same"]))
     return out
 
 
@@ -381,7 +400,8 @@ def parse_args(argv=None):
     p.add_argument("--offline", action="store_true", help="also time LLM.generate (peak throughput)")
     p.add_argument("--online", action=argparse.BooleanOptionalAction, default=True,
                    help="drive OpenAI servers (--no-online: offline only)")
-    p.add_argument("--offline-rounds", type=int, default=5, help="interleaved offline rounds; medians are reported")
+    p.add_argument("--offline-rounds", type=int, default=5,
+                   help="offline rounds (each runs every workload once, base around each); medians are reported")
     p.add_argument("--offline-settle", type=float, default=1.5,
                    help="seconds of pause before each timed offline run (idle engines stop polling)")
     p.add_argument("--offline-engine-kwargs", default='{"dtype": "float32", "enforce_eager": true, '
