@@ -85,12 +85,11 @@ def _install_layer_hook() -> None:
     BaseLinearLayerWithLoRA._apply_lora_to_output = _apply_lora_to_output
 
 
-def _base_forward_then_blend(layer, x: torch.Tensor):
-    output = layer.base_layer(x)  # vanilla vLLM's forward: (output, bias) or output
-    tables = layer.__dict__.get("_av_tables")
+def _base_forward_then_blend(base_layer, tables, cpu_blend, x: torch.Tensor):
+    output = base_layer(x)  # vanilla vLLM's forward: (output, bias) or output
     if tables is not None and tables.active:
         y = output[0] if isinstance(output, tuple) else output
-        layer._av_cpu_blend.from_tables(y.flatten(0, 1) if y.ndim == 3 else y, x.flatten(0, 1) if x.ndim == 3 else x, tables)
+        cpu_blend.from_tables(y.flatten(0, 1) if y.ndim == 3 else y, x.flatten(0, 1) if x.ndim == 3 else x, tables)
     return output
 
 
@@ -99,9 +98,12 @@ def use_base_forward(layer) -> None:
 
     The wrapper's ``forward`` (vLLM's copy of the base layer's, with the LoRA add in the middle)
     is replaced, for this instance only, by the base layer's own forward followed by the blend
-    into its output: the same sum, as the blend is a plain add after the GEMM and its bias.
+    into its output: the same sum, as the blend is a plain add after the GEMM and its bias. Call
+    after the layer's AV weights are attached (or on a layer that holds none).
     """
-    layer.forward = functools.partial(_base_forward_then_blend, layer)
+    tables = layer.__dict__.get("_av_tables")
+    blend = layer.__dict__.get("_av_cpu_blend")
+    layer.forward = functools.partial(_base_forward_then_blend, layer.base_layer, tables, blend)
 
 
 def _install_stock_lora_skips() -> None:

@@ -127,7 +127,7 @@ class AVWorkerState:
         self.needs_lora_mapping = needs_lora_mapping  # whether vLLM's own per-step LoRA mapping must be built
         self._capacity = max(4 * max_live_mixes, 64)  # > 2x the live requests: room after compaction
         self._last_ids: list[str] = []  # the last update's batch (see update)
-        self._last_counts = np.zeros(0, dtype=np.int64)
+        self._last_counts = b""
         self._reset_pool()
 
     def _reset_pool(self) -> None:
@@ -184,9 +184,10 @@ class AVWorkerState:
         A step that repeats the last one (same requests in the same order, same token counts: most
         decode steps) finds the tables already filled and returns at once.
         """
-        if req_ids == self._last_ids and np.array_equal(num_scheduled_tokens, self._last_counts):
+        counts = num_scheduled_tokens.tobytes()
+        if req_ids == self._last_ids and counts == self._last_counts:
             return
-        self._last_ids, self._last_counts = list(req_ids), num_scheduled_tokens.copy()
+        self._last_ids, self._last_counts = list(req_ids), counts
         if len(self._mix_row) + len(req_ids) > self._capacity or len(self._req_row) > 2 * self._capacity:
             # Before any row is read (compaction renumbers rows). The second test forgets finished
             # requests when few distinct mixes would never fill the pool (else one entry per request leaks).
