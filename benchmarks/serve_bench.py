@@ -157,9 +157,10 @@ async def run_workload(url: str, model: str, workload: Workload, concurrency: in
             return await stream_one(session, url, payload)
 
     timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
-    # Idle connections are dropped before the server's keep-alive timeout (uvicorn: 5 s) ends them:
-    # reusing one the server has just closed fails with ServerDisconnectedError (aiohttp's default is 15 s).
-    connector = aiohttp.TCPConnector(keepalive_timeout=3)
+    # A fresh connection per request: a reused keep-alive connection can be closed by the server's
+    # keep-alive timer (uvicorn: 5 s) as the request goes out, most often while the server stalls,
+    # and fails with ServerDisconnectedError or "Can not write request body" (seen with lora-per-mix).
+    connector = aiohttp.TCPConnector(force_close=True)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         t0 = time.perf_counter()
         results = await asyncio.gather(*(one(session, body) for body in workload.requests))
