@@ -59,7 +59,7 @@ def new_state(max_seqs: int, form: str) -> AVWorkerState:
     return AVWorkerState(entries, config, tables, max_seqs)
 
 
-def median_us(state: AVWorkerState, batches: list[list[str]], counts, reqs: dict, repeats: int) -> tuple[float, float]:
+def update_us(state: AVWorkerState, batches: list[list[str]], counts, reqs: dict, repeats: int) -> tuple[float, float]:
     """Median and p90 of ``update`` over ``repeats`` steps cycling through ``batches``."""
     times = []
     for step in range(repeats):
@@ -83,8 +83,8 @@ def measure(n: int, repeats: int, form: str) -> dict:
         state.update(order, counts, reqs)
         cold.append(time.perf_counter() - t0)
     state.update(other, counts, reqs)  # both batches' mixes parsed
-    changed, changed_p90 = median_us(state, [order, other], counts, reqs, repeats)
-    repeat, _ = median_us(state, [order], counts, reqs, repeats)
+    changed, changed_p90 = update_us(state, [order, other], counts, reqs, repeats)
+    repeat, _ = update_us(state, [order], counts, reqs, repeats)
     return {
         "form": form,
         "requests": n,

@@ -59,6 +59,11 @@ def _install_runner_hooks() -> None:
     LoRAModelRunnerMixin.set_active_loras = set_active_loras
 
 
+def _token_rows(t: torch.Tensor) -> torch.Tensor:
+    """``[batch, seq, hidden]`` (the transformers backend) as ``[tokens, hidden]``; 2-D unchanged."""
+    return t.flatten(0, 1) if t.ndim == 3 else t
+
+
 def _install_layer_hook() -> None:
     from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 
@@ -70,8 +75,7 @@ def _install_layer_hook() -> None:
         tables = getattr(self, "_av_tables", None)  # fixed per layer: a constant to the compiler
         if tables is None:
             return output
-        y = output.flatten(0, 1) if output.ndim == 3 else output
-        x2d = x.flatten(0, 1) if x.ndim == 3 else x
+        y, x2d = _token_rows(output), _token_rows(x)
         num_tokens = y.shape[0]
         cpu_blend = self._av_cpu_blend  # None on CUDA
         if cpu_blend is None:
@@ -89,7 +93,7 @@ def _base_forward_then_blend(base_layer, tables, cpu_blend, x: torch.Tensor):
     output = base_layer(x)  # vanilla vLLM's forward: (output, bias) or output
     if tables is not None and tables.active:
         y = output[0] if isinstance(output, tuple) else output
-        cpu_blend.from_tables(y.flatten(0, 1) if y.ndim == 3 else y, x.flatten(0, 1) if x.ndim == 3 else x, tables)
+        cpu_blend.from_tables(_token_rows(y), _token_rows(x), tables)
     return output
 
 
