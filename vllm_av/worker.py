@@ -81,22 +81,24 @@ class AVTables:
         self.active = has_entries
         return rows
 
-    def write(self, token_index: np.ndarray | None, token_scale: np.ndarray | None, num_tokens: int) -> None:
-        """Op form: set rows ``[:num_tokens]`` (None = no entries); clear rows left from the last step."""
-        rows = self._rows_to_write(token_index is not None, num_tokens)
+    def write(
+        self, pool_index: np.ndarray, pool_scale: np.ndarray, token_rows: np.ndarray | None, num_tokens: int
+    ) -> None:
+        """Op form: row ``t`` = ``pool_index/pool_scale[token_rows[t]]`` (None = no entries); clear the rest."""
+        rows = self._rows_to_write(token_rows is not None, num_tokens)
         if rows == 0:
             return
         host_index, host_scale = self._host[self._turn]
         self._turn = (self._turn + 1) % len(self._host)
         hi, hs = host_index.numpy(), host_scale.numpy()
-        if token_index is None:
-            hi[:rows] = -1
-            hs[:rows] = 0.0
-        else:
-            hi[:num_tokens] = token_index
-            hs[:num_tokens] = token_scale
-            hi[num_tokens:rows] = -1
-            hs[num_tokens:rows] = 0.0
+        written = 0
+        if token_rows is not None:  # gathered straight into the tables, no temporaries
+            np.take(pool_index, token_rows, axis=0, out=hi[:num_tokens])
+            np.take(pool_scale, token_rows, axis=0, out=hs[:num_tokens])
+            written = num_tokens
+        if rows > written:
+            hi[written:rows] = -1
+            hs[written:rows] = 0.0
         if host_index is not self.index:
             self.index[:rows].copy_(host_index[:rows], non_blocking=True)
             self.scale[:rows].copy_(host_scale[:rows], non_blocking=True)
@@ -192,20 +194,26 @@ class AVWorkerState:
             # Before any row is read (compaction renumbers rows). The second test forgets finished
             # requests when few distinct mixes would never fill the pool (else one entry per request leaks).
             self._compact(requests)
-        get = self._req_row.get
-        rows = np.fromiter(
-            (r if (r := get(rid)) is not None else self._resolve(rid, requests) for rid in req_ids),
-            dtype=np.int64,
-            count=len(req_ids),
-        )
-        num_tokens = int(num_scheduled_tokens.sum())
-        token_rows = np.repeat(rows, num_scheduled_tokens) if rows.any() else None
+        rows = self._pool_rows(req_ids, requests)
+        token_rows = np.repeat(rows, num_scheduled_tokens)
+        num_tokens = len(token_rows)
+        if not rows.any():  # no request in the batch has a mix
+            token_rows = None
         if self.tables.dense:
             self.tables.write_dense(self._pool_coef_tensor, token_rows, num_tokens)
-        elif token_rows is None:
-            self.tables.write(None, None, num_tokens)
         else:
-            self.tables.write(self._pool_index[token_rows], self._pool_scale[token_rows], num_tokens)
+            self.tables.write(self._pool_index, self._pool_scale, token_rows, num_tokens)
+
+    def _pool_rows(self, req_ids: Sequence[str], requests: dict) -> np.ndarray:
+        """Each request's pool row; a request seen for the first time has its mix parsed (once)."""
+        row_of = self._req_row.__getitem__
+        try:
+            return np.fromiter(map(row_of, req_ids), dtype=np.int64, count=len(req_ids))
+        except KeyError:
+            for rid in req_ids:
+                if rid not in self._req_row:
+                    self._resolve(rid, requests)
+            return np.fromiter(map(row_of, req_ids), dtype=np.int64, count=len(req_ids))
 
 
 def attach_layer(layer, weights: list, tables: AVTables, ranks: list[int], cpu_kernel=None) -> None:
