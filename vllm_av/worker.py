@@ -160,7 +160,8 @@ class AVWorkerState:
                     self._pool_scale[row, m] = scale
         return row
 
-    def _resolve(self, req_id: str, requests: dict) -> int:
+    def _resolve(self, req_id: str, requests: dict) -> None:
+        """Parse a new request's mix and give the request its pool row."""
         extra = getattr(requests[req_id].sampling_params, "extra_args", None) or {}
         spec = extra.get("av")
         mix: tuple = ()
@@ -169,9 +170,7 @@ class AVWorkerState:
                 mix = parse_mix(spec, self.name_to_index, self.config)
             except MixError as exc:  # the frontend validates; reaching here is a bug
                 logger.error("vllm-av: request %s: %s; serving it without AV", req_id, exc)
-        row = self._row_for_mix(mix)
-        self._req_row[req_id] = row
-        return row
+        self._req_row[req_id] = self._row_for_mix(mix)
 
     def _compact(self, requests: dict) -> None:
         """Forget finished requests and the mixes only they used."""
