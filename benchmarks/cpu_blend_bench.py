@@ -66,13 +66,13 @@ def measure(tokens: int, threads: int, num_avs: int, rank: int, repeats: int) ->
         b = torch.randn(num_avs, sum(slices), rank, generator=gen)
         x, y = torch.randn(tokens, d_in, generator=gen), torch.randn(tokens, sum(slices), generator=gen)
         index, scale = random_tables(tokens, num_avs, gen)
-        coef_rank = mix_coefficients(index, scale, num_avs).repeat_interleave(rank, dim=1)
+        coef = mix_coefficients(index, scale, num_avs)
         base = ops.create_onednn_mm(torch.randn(sum(slices), d_in, generator=gen).t(), 32)
         aten, onednn = CPUBlend(a, b, slices, use_onednn=False), CPUBlend(a, b, slices)
         native = NativeCPUBlend(kernel, a, b, slices, [rank] * num_avs)
         calls["base_gemms"].append(lambda x=x, h=base: ops.onednn_mm(h, x, None))
-        calls["blend_aten"].append(lambda y=y, x=x, c=coef_rank, f=aten: f(y, x, c))
-        calls["blend_onednn"].append(lambda y=y, x=x, c=coef_rank, f=onednn: f(y, x, c))
+        calls["blend_aten"].append(lambda y=y, x=x, c=coef, f=aten: f(y, x, c))
+        calls["blend_onednn"].append(lambda y=y, x=x, c=coef, f=onednn: f(y, x, c))
         calls["blend_native"].append(lambda y=y, x=x, i=index, s=scale, f=native: f(y, x, i, s))
     row = {"tokens": tokens, "threads": threads, "num_avs": num_avs, "rank": rank}
     return {**row, **{name: median_us(c, repeats) for name, c in calls.items()}}

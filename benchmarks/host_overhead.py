@@ -1,8 +1,8 @@
 """Per-step host cost of the plugin: filling the AV tables for a batch (``AVWorkerState.update``).
 
 Both table forms: ``op`` (index/scale, what the CUDA kernel and the CPU C kernel read; the copy
-to the GPU is not included) and ``dense`` (the dense CPU blend's coefficient table, rank 16: 1024
-floats per token).
+to the GPU is not included) and ``dense`` (the dense CPU blend's coefficient table: one float per
+token and AV, 64).
 Decode steps (one token per request) at 1, 64, 256 and 1024 running requests, each request with
 its own random mix of up to 8 AVs from a library of 64, after the mixes are cached (a request's
 mix is parsed once, when it is first scheduled), in three cases:
@@ -55,7 +55,7 @@ RANK = 16
 def new_state(max_seqs: int, form: str) -> AVWorkerState:
     entries = [AVEntry(name=n, path=n, rank=RANK, modules=()) for n in LIBRARY]
     config = AVConfig(path="lib", max_per_request=M)
-    tables = AVTables(8192, M, len(LIBRARY), RANK, torch.device("cpu"), dense=form == "dense")
+    tables = AVTables(8192, M, len(LIBRARY), torch.device("cpu"), dense=form == "dense")
     return AVWorkerState(entries, config, tables, max_seqs)
 
 

@@ -23,7 +23,7 @@ def dense(request):
 def make_state(dense, max_tokens=64, m=3, max_live=4):
     entries = [AVEntry(name=n, path=f"/lib/{n}", rank=RANK, modules=()) for n in NAMES]
     config = AVConfig(path="/lib", max_per_request=m)
-    tables = AVTables(max_tokens, m, len(NAMES), RANK, torch.device("cpu"), dense=dense)
+    tables = AVTables(max_tokens, m, len(NAMES), torch.device("cpu"), dense=dense)
     return AVWorkerState(entries, config, tables, max_live)
 
 
@@ -55,23 +55,22 @@ def check(state, reqs, order, counts):
         coef = [0.0] * len(NAMES)
         for name, s in (reqs[rid].mix or {}).items():
             coef[NAMES.index(name)] += s
-        coef_rank = [c for c in coef for _ in range(RANK)]
         for _ in range(n):
             if tables.dense:
-                assert tables.coef_rank[row].tolist() == pytest.approx(coef_rank)
+                assert tables.coef[row].tolist() == pytest.approx(coef)
             else:
                 assert tables.index[row].tolist() == idx
                 assert tables.scale[row].tolist() == pytest.approx(scale)
             row += 1
     if tables.dense:
-        assert (tables.coef_rank[row:] == 0).all(), "rows past the batch must hold no entries"
+        assert (tables.coef[row:] == 0).all(), "rows past the batch must hold no entries"
     else:
         assert (tables.index[row:] == -1).all(), "rows past the batch must hold no entries"
     assert tables.active == any(reqs[rid].mix for rid in order)
 
 
 def no_entries(tables, rows=slice(None)):
-    return (tables.coef_rank[rows] == 0).all() if tables.dense else (tables.index[rows] == -1).all()
+    return (tables.coef[rows] == 0).all() if tables.dense else (tables.index[rows] == -1).all()
 
 
 def test_rows_follow_requests_and_stale_rows_are_cleared(dense):
@@ -88,7 +87,7 @@ def test_rows_follow_requests_and_stale_rows_are_cleared(dense):
 
 def test_plain_batches_do_no_work(dense):
     state = make_state(dense)
-    table = state.tables.coef_rank if dense else state.tables.index
+    table = state.tables.coef if dense else state.tables.index
     table.fill_(7)  # poison: an update that writes would clear it
     state.update(["x"], np.array([4]), requests({"x": None}))
     assert (table == 7).all()
@@ -98,7 +97,7 @@ def test_a_repeated_step_keeps_the_tables_and_any_change_rewrites_them(dense):
     state = make_state(dense)
     reqs = requests({"r1": {"a": 0.5}, "r2": {"b": -1.0}, "r3": None})
     check(state, reqs, ["r1", "r2"], [1, 1])
-    table = state.tables.coef_rank if dense else state.tables.index
+    table = state.tables.coef if dense else state.tables.index
     table[0].fill_(3)  # poison a batch row: a step that writes restores it
     state.update(["r1", "r2"], np.array([1, 1]), reqs)  # the same step again: nothing to write
     assert (table[0] == 3).all()

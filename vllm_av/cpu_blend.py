@@ -18,7 +18,7 @@ import ctypes
 import numpy as np
 import torch
 
-from vllm_av.ops import blend_scaled_ranks, dense_weights
+from vllm_av.ops import blend_scaled_ranks, dense_weights, scale_ranks
 
 
 def _onednn():
@@ -54,10 +54,11 @@ def choose_cpu_blend(choice: str = "auto"):
 
 
 class CPUBlend:
-    """``y += ((x @ A_cat.T) * coef_rank) @ B_cat`` for one layer, weights laid out once at load."""
+    """``y += ((x @ A_cat.T) * coef) @ B_cat`` for one layer, weights laid out once at load."""
 
     def __init__(self, lora_a: torch.Tensor, lora_b: torch.Tensor, out_slices: list[int], use_onednn: bool = True):
         a_cat, b_cat = dense_weights(lora_a, lora_b, out_slices)
+        self.rank = lora_a.shape[2]
         self.ops = _onednn() if use_onednn else None
         if self.ops is None:
             self.a_cat, self.b_cat = a_cat, b_cat
@@ -65,15 +66,15 @@ class CPUBlend:
             self.shrink = self.ops.create_onednn_mm(a_cat.t(), 32)
             self.expand = self.ops.create_onednn_mm(b_cat, 32)
 
-    def __call__(self, y: torch.Tensor, x: torch.Tensor, coef_rank: torch.Tensor) -> None:
-        """Add the blend for ``coef_rank [T, N*R]`` (see :class:`vllm_av.worker.AVTables`) to ``y``."""
+    def __call__(self, y: torch.Tensor, x: torch.Tensor, coef: torch.Tensor) -> None:
+        """Add the blend for ``coef [T, N]`` (see :class:`vllm_av.worker.AVTables`) to ``y``."""
         if self.ops is None:
-            blend_scaled_ranks(y, x, self.a_cat, self.b_cat, coef_rank)
+            blend_scaled_ranks(y, x, self.a_cat, self.b_cat, coef, self.rank)
             return
         if y.shape[0] == 0:
             return
         h = self.ops.onednn_mm(self.shrink, x.to(torch.float32), None)
-        h.view(h.shape[0], -1, coef_rank.shape[1]).mul_(coef_rank.unsqueeze(1))
+        scale_ranks(h, coef, self.rank)
         delta = self.ops.onednn_mm(self.expand, h, None)
         if y.dtype == torch.float32:
             y.add_(delta)
@@ -82,7 +83,7 @@ class CPUBlend:
 
     def from_tables(self, y: torch.Tensor, x: torch.Tensor, tables) -> None:
         """The layer hook's call: the coefficients of the step's first ``len(y)`` rows in ``tables``."""
-        self(y, x, tables.coef_rank[: y.shape[0]])
+        self(y, x, tables.coef[: y.shape[0]])
 
 
 class NativeCPUBlend:

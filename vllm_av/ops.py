@@ -64,23 +64,30 @@ def dense_weights(lora_a: torch.Tensor, lora_b: torch.Tensor, out_slices: list[i
 
 
 def blend_scaled_ranks(
-    y: torch.Tensor, x: torch.Tensor, a_cat: torch.Tensor, b_cat: torch.Tensor, coef_rank: torch.Tensor
+    y: torch.Tensor, x: torch.Tensor, a_cat: torch.Tensor, b_cat: torch.Tensor, coef: torch.Tensor, rank: int
 ) -> None:
-    """``y += ((x @ a_cat.T) * coef_rank) @ b_cat``: every AV for every row, weighted per row.
+    """``y += ((x @ a_cat.T) * coef) @ b_cat``: every AV for every row, weighted per row.
 
-    Weights as :func:`dense_weights` returns them; ``coef_rank [T, N*R]`` is ``coef[t, n]``
-    repeated over the ``R`` ranks of AV ``n`` (the same for every slice). Three ops per linear
-    whatever the batch holds (no data-dependent shapes); accumulates in float32, rounds once.
+    Weights as :func:`dense_weights` returns them (``rank`` ranks per AV); ``coef [T, N]``
+    (:func:`mix_coefficients`) weights all ranks of AV ``n``, in every slice, alike. Three ops
+    per linear whatever the batch holds (no data-dependent shapes); accumulates in float32,
+    rounds once.
     """
     rows = y.shape[0]
     if rows == 0:
         return
     h = torch.mm(x.to(torch.float32), a_cat.t())
-    h.view(rows, -1, coef_rank.shape[1]).mul_(coef_rank.unsqueeze(1))
+    scale_ranks(h, coef, rank)
     if y.dtype == torch.float32:
         y.addmm_(h, b_cat)
     else:
         y.copy_(torch.addmm(y.to(torch.float32), h, b_cat).to(y.dtype))
+
+
+def scale_ranks(h: torch.Tensor, coef: torch.Tensor, rank: int) -> None:
+    """Scale ``h [T, S*N*rank]`` (columns by slice, AV, rank) by ``coef [T, N]`` in place (a broadcast)."""
+    rows, num_avs = coef.shape
+    h.view(rows, -1, num_avs, rank).mul_(coef.view(rows, 1, num_avs, 1))
 
 
 def blend_reference(
@@ -95,7 +102,7 @@ def blend_reference(
     """The op in plain torch (the oracle): dense over the library, weighted by each row's coefficients."""
     coef = mix_coefficients(av_index, av_scale, lora_a.shape[1])
     a_cat, b_cat = dense_weights(lora_a, lora_b, out_slices)
-    blend_scaled_ranks(y, x, a_cat, b_cat, coef.repeat_interleave(lora_a.shape[2], dim=1))
+    blend_scaled_ranks(y, x, a_cat, b_cat, coef, lora_a.shape[2])
 
 
 def _check_shapes(y, x, lora_a, lora_b, av_index, av_scale, out_slices) -> None:

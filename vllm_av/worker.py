@@ -11,7 +11,7 @@ CUDA graphs.
 Each step, :meth:`AVWorkerState.update` fills the persistent tables from the batch's requests,
 with vectorised numpy over requests (never a Python loop over tokens): ``index/scale [T, M]``
 (entry ``m`` of token row ``t``: library index, -1 = none, and scale) for the op and the C
-kernel, or the dense ``coef_rank`` table for the dense CPU blend. Every wrapped CUDA layer then
+kernel, or the dense ``coef`` table for the dense CPU blend. Every wrapped CUDA layer then
 runs ``torch.ops.vllm_av.blend_`` unconditionally.
 """
 
@@ -37,16 +37,14 @@ class AVTables:
     """Persistent per-token tables read by every AV layer, in one of two forms.
 
     * op form (CUDA): ``index/scale [max_tokens, M]``, read by ``torch.ops.vllm_av.blend_``.
-    * dense form (CPU, ``dense=True``): ``coef_rank [max_tokens, N*rank]``, the sum of the scales
-      each token gives each AV, repeated over the AV's ``rank`` columns (what
-      :func:`vllm_av.ops.blend_scaled_ranks` reads), and ``active``: whether the step has any
+    * dense form (CPU, ``dense=True``): ``coef [max_tokens, N]``, the sum of the scales each token
+      gives each AV (what :func:`vllm_av.ops.blend_scaled_ranks` reads), and ``active``: whether the step has any
       entry, so CPU layers skip steps without mixes (never used on CUDA, where a host-side
       branch would break graph capture).
     """
 
     def __init__(
-        self, max_tokens: int, max_per_request: int, num_avs: int, rank: int, device: torch.device,
-        dense: bool | None = None,
+        self, max_tokens: int, max_per_request: int, num_avs: int, device: torch.device, dense: bool | None = None,
     ):
         device = torch.device(device)
         self.dense = device.type == "cpu" if dense is None else dense
@@ -54,9 +52,9 @@ class AVTables:
         self.active = False
         self._filled = 0  # rows that may hold entries from the last update
         if self.dense:
-            self.coef_rank = torch.zeros(max_tokens, num_avs * rank)
+            self.coef = torch.zeros(max_tokens, num_avs)
             return
-        self.coef_rank = None
+        self.coef = None
         shape = (max_tokens, max_per_request)
         self.index = torch.full(shape, -1, dtype=torch.int32, device=device)
         self.scale = torch.zeros(shape, dtype=torch.float32, device=device)
@@ -111,10 +109,10 @@ class AVTables:
             return
         written = 0
         if token_rows is not None:
-            torch.index_select(pool_coef, 0, torch.from_numpy(token_rows), out=self.coef_rank[:num_tokens])
+            torch.index_select(pool_coef, 0, torch.from_numpy(token_rows), out=self.coef[:num_tokens])
             written = num_tokens
         if rows > written:
-            self.coef_rank[written:rows] = 0.0
+            self.coef[written:rows] = 0.0
 
 
 class AVWorkerState:
@@ -136,7 +134,7 @@ class AVWorkerState:
     def _reset_pool(self) -> None:
         # Pool row 0 is the empty mix; each distinct mix in use gets one row, in the tables' form.
         if self.tables.dense:  # numpy for cheap per-entry writes; the tables read it as a tensor
-            self._pool_coef = np.zeros((self._capacity + 1, self.tables.coef_rank.shape[1]), dtype=np.float32)
+            self._pool_coef = np.zeros((self._capacity + 1, self.tables.coef.shape[1]), dtype=np.float32)
             self._pool_coef_tensor = torch.from_numpy(self._pool_coef)
         else:
             shape = (self._capacity + 1, self.config.max_per_request)
@@ -151,9 +149,8 @@ class AVWorkerState:
             row = len(self._mix_row)
             self._mix_row[mix] = row
             if self.tables.dense:
-                coef = self._pool_coef[row].reshape(len(self.name_to_index), -1)
                 for name, scale in mix:
-                    coef[self.name_to_index[name]] += scale
+                    self._pool_coef[row, self.name_to_index[name]] += scale
             else:
                 for m, (name, scale) in enumerate(mix):
                     self._pool_index[row, m] = self.name_to_index[name]
@@ -288,7 +285,7 @@ def install(runner, model, vllm_config, entries: Sequence[AVEntry], config: AVCo
     device = next(iter(model.parameters())).device
     max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
     cpu_form, cpu_kernel = choose_cpu_blend(config.cpu_blend) if device.type == "cpu" else (None, None)
-    tables = AVTables(max_tokens, config.max_per_request, len(entries), rank, device, dense=cpu_form == "dense")
+    tables = AVTables(max_tokens, config.max_per_request, len(entries), device, dense=cpu_form == "dense")
     layers, max_slices = 0, 0
     for name, layer in manager.modules.items():
         layer._av_skip_stock_lora = not config.stock_lora  # read by the layer hooks
