@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import shlex
@@ -275,10 +276,12 @@ def run_offline(args, library: Path, lora_dir: Path, workloads: list[Workload], 
     for name, rs in rounds.items():
         per_round = vs_base[name]
         out[name] = {**median_rounds(rs), "rounds": rs, "vs_base_rounds": per_round,
-                     "vs_base": statistics.median(per_round) if per_round else None}
+                     "vs_base": statistics.median(per_round) if per_round else None,
+                     "vs_base_ci95": median_ci95(per_round) if name != "base" else None}
     if vs_base.get("av-distinct") and vs_base.get("av-same"):
-        out["av-distinct"]["vs_av_same"] = statistics.median(
-            d / s for d, s in zip(vs_base["av-distinct"], vs_base["av-same"]))
+        per_round = [d / s for d, s in zip(vs_base["av-distinct"], vs_base["av-same"])]
+        out["av-distinct"]["vs_av_same"] = statistics.median(per_round)
+        out["av-distinct"]["vs_av_same_ci95"] = median_ci95(per_round)
     return out
 
 
@@ -311,6 +314,10 @@ def prepare(args, work: Path) -> tuple[Path, list[str], Path, list[dict], int, f
     return library, names, lora_dir, mixes, lora_rank, build_s
 
 
+def interval(ci: tuple[float, float] | None) -> str:
+    return f"{ci[0]:.3f}–{ci[1]:.3f}" if ci else "n/a"
+
+
 def markdown_table(online: dict, offline: dict) -> str:
     lines = []
     if online:
@@ -324,15 +331,19 @@ def markdown_table(online: dict, offline: dict) -> str:
                      f"{r['itl_ms_p50']:.2f} / {r['itl_ms_p99']:.2f} | {r['errors']} |")
     if offline:
         lines += [""] if lines else []
-        lines += ["| offline workload | req/s | out tok/s | vs base (median of rounds) | vs base, lowest–highest round |",
-                  "|---|---:|---:|---:|---:|"]
+        lines += ["| offline workload | req/s | out tok/s | vs base (median of rounds) | 95 % CI of that median "
+                  "| vs base, lowest–highest round |", "|---|---:|---:|---:|---:|---:|"]
         for name, r in offline.items():
             per_round = r.get("vs_base_rounds") or []
             ratio = f"{r['vs_base']:.3f}" if r.get("vs_base") is not None else "n/a"
             spread = f"{min(per_round):.3f}–{max(per_round):.3f}" if per_round else "n/a"
-            lines.append(f"| {name} | {r['request_per_s']:.2f} | {r['output_tok_per_s']:.1f} | {ratio} | {spread} |")
-        if offline.get("av-distinct", {}).get("vs_av_same") is not None:
-            lines.append(f"\noffline av-distinct / av-same (median of rounds): {offline['av-distinct']['vs_av_same']:.3f}")
+            lines.append(f"| {name} | {r['request_per_s']:.2f} | {r['output_tok_per_s']:.1f} | {ratio} | "
+                         f"{interval(r.get('vs_base_ci95'))} | {spread} |")
+        distinct = offline.get("av-distinct", {})
+        if distinct.get("vs_av_same") is not None:
+            lines.append(f"\noffline av-distinct / av-same (median of rounds): {distinct['vs_av_same']:.3f} "
+                         f"(95 % CI {interval(distinct.get('vs_av_same_ci95'))})")
+        lines.append("\n95 % CI: distribution-free, from the order statistics of the rounds (n/a below 6 rounds).")
     return "\n".join(lines)
 
 
@@ -358,6 +369,21 @@ def plot(online: dict, offline: dict, path: Path) -> None:
         ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def median_ci95(values: list[float]) -> tuple[float, float] | None:
+    """A distribution-free 95 % confidence interval of the median of ``values`` (None below 6 values).
+
+    The order statistics ``(x_(j), x_(n+1-j))`` with the largest ``j`` such that a Binomial(n, 1/2)
+    falls below ``j`` with probability <= 2.5 %: they bracket the true median with >= 95 %
+    probability, whatever the distribution, as long as the values are independent.
+    """
+    n, xs = len(values), sorted(values)
+    j, tail = 0, 0.0
+    while j < n and tail + math.comb(n, j) / 2**n <= 0.025:
+        tail += math.comb(n, j) / 2**n
+        j += 1
+    return (xs[j - 1], xs[n - j]) if j else None
 
 
 def median_rounds(rounds: list[dict]) -> dict:
