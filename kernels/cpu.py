@@ -21,7 +21,9 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 logger = logging.getLogger("vllm.av")
 
@@ -76,9 +78,16 @@ def _build(compiler: str, flags: list[str], out: Path) -> Path:
     return target
 
 
+class CPUKernel(NamedTuple):
+    """The kernel's entry points (ctypes): float32 ``x``/``y``, and bfloat16 ones summed in float32."""
+
+    f32: Callable
+    bf16: Callable
+
+
 @functools.lru_cache(maxsize=None)
-def load(extra_flags: tuple[str, ...] = ()):
-    """The kernel's ``av_blend_f32`` (ctypes), or None when it cannot be built here (logged once).
+def load(extra_flags: tuple[str, ...] = ()) -> CPUKernel | None:
+    """The built kernel's entry points, or None when it cannot be built here (logged once).
 
     ``extra_flags`` (tests): more compiler flags, e.g. ``("-DLANES=8",)`` for the non-AVX-512 width.
     """
@@ -92,11 +101,13 @@ def load(extra_flags: tuple[str, ...] = ()):
         except RuntimeError as exc:
             logger.info("vllm-av: the CPU blend kernel builds without OpenMP here (one thread): %s", exc)
             path = _build(compiler, [*FLAGS, *extra_flags], cache_dir())
-        fn = ctypes.CDLL(str(path)).av_blend_f32
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        library = ctypes.CDLL(str(path))
+        kernel = CPUKernel(library.av_blend_f32, library.av_blend_bf16)
+    except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as exc:
         logger.warning("vllm-av: could not build the CPU blend kernel (%s); the CPU blend runs dense", exc)
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [ctypes.POINTER(AVWeights), p, i64, p, i64, p, p, i64, i64]
-    fn.restype = ctypes.c_int
-    return fn
+    for fn in kernel:
+        fn.argtypes = [ctypes.POINTER(AVWeights), p, i64, p, i64, p, p, i64, i64]
+        fn.restype = ctypes.c_int
+    return kernel

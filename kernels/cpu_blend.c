@@ -9,6 +9,7 @@
  * expand). Built and loaded at run time by vllm_av/kernels/cpu.py (cc -O3 -march=native -fopenmp),
  * called through ctypes.
  * GCC vector extensions keep it portable: 16 float lanes on AVX-512 machines, else 8.
+ * bfloat16 layers go through av_blend_bf16: x widened once, the blend summed in float32, y rounded once.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -259,4 +260,45 @@ int av_blend_f32(const av_weights *w, float *y, int64_t y_stride, const float *x
     }
     free(runs); free(order); free(h);
     return 0;
+}
+
+/* bfloat16 <-> float32, as torch converts: widening is exact; narrowing rounds to nearest even, NaN -> 0x7fc0. */
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    uint16_t rounded = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    return (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)0x7fc0 : rounded;
+}
+
+/* av_blend_f32 for bfloat16 x and y (unit inner stride): x is widened once into float32 scratch, the
+ * blend is summed in float32 from zero, and each row with an entry gets y = bf16(float(y) + blend):
+ * the float32 kernel's sums, rounded once. Returns 0, or -1 when out of memory. */
+int av_blend_bf16(const av_weights *w, uint16_t *y, int64_t y_stride, const uint16_t *x, int64_t x_stride,
+                  const int32_t *index, const float *scale, int64_t M, int64_t T) {
+    int64_t out = 0;
+    for (int64_t s = 0; s < w->num_slices; s++) out += w->out_size[s];
+    const int64_t in = w->in;
+    float *xf = malloc((T * in > 0 ? T * in : 1) * sizeof *xf);
+    float *acc = calloc(T * out > 0 ? T * out : 1, sizeof *acc);
+    if (!xf || !acc) { free(xf); free(acc); return -1; }
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t k = 0; k < in; k++) xf[t * in + k] = bf16_to_f32(x[t * x_stride + k]);
+    int status = av_blend_f32(w, acc, out, xf, in, index, scale, M, T);
+    for (int64_t t = 0; status == 0 && t < T; t++) {
+        int used = 0;  /* rows without a usable entry keep their bits */
+        for (int64_t m = 0; m < M; m++) used |= usable(w, index[t * M + m], scale[t * M + m]);
+        if (!used) continue;
+        uint16_t *yt = y + t * y_stride;
+        const float *at = acc + t * out;
+        for (int64_t o = 0; o < out; o++) yt[o] = f32_to_bf16(bf16_to_f32(yt[o]) + at[o]);
+    }
+    free(xf); free(acc);
+    return status;
 }

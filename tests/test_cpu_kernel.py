@@ -70,6 +70,34 @@ def test_every_vector_width_matches_float64(lanes, shuffles):
         assert (y.double() - want).norm() / want.norm() < 1e-5
 
 
+def test_bfloat16_layers_get_the_float32_sums_rounded_once(kernel):
+    """bfloat16 x and y go through the kernel's own entry point: bit for bit the float32 kernel's sums,
+    added to y in float32 and rounded once as torch rounds."""
+    for rows, d_in, out_slices, max_rank in [(13, 21, [16, 8, 9], 6), (64, 128, [128, 64, 64], 4), (1, 256, [37], 16)]:
+        gen = torch.Generator().manual_seed(rows + d_in)
+        x, y, a, b, *_, idx, scale, ranks = random_case(gen, rows, d_in, out_slices, 5, max_rank, 4, torch.bfloat16)
+        blend = NativeCPUBlend(kernel, a, b, out_slices, ranks)
+        acc = torch.zeros(y.shape)
+        blend(acc, x.float(), idx, scale)  # the float32 entry point
+        used = ((idx >= 0) & (idx < 4) & (scale != 0)).any(dim=1, keepdim=True)  # AV 4 has rank 0
+        want = torch.where(used, (y.float() + acc).to(torch.bfloat16), y)
+        blend(y, x, idx, scale)
+        assert torch.equal(y, want)
+
+
+def test_bfloat16_rounds_ties_to_even_and_keeps_nan(kernel):
+    """y = 1 plus exact float32 blends that land halfway between bfloat16 neighbours (ulp 2**-7 above 1,
+    2**-8 below): ties go to the even neighbour."""
+    steps = [1, 3, 5, 0.5, -0.5, -1.5, float("nan")]
+    b = torch.tensor(steps).mul(2.0**-8).view(1, len(steps), 1)  # one AV of rank 1: y[o] += b[o] * (a . x)
+    blend = NativeCPUBlend(kernel, torch.ones(1, 1, 1, 1), b, [len(steps)], [1])
+    y = torch.ones(1, len(steps), dtype=torch.bfloat16)
+    blend(y, torch.ones(1, 1, dtype=torch.bfloat16), torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, 1))
+    want = (torch.ones(len(steps)) + b.view(-1)).to(torch.bfloat16)
+    assert y[0, :-1].tolist() == want[:-1].tolist() == [1.0, 1.015625, 1.015625, 1.0, 1.0, 0.9921875]
+    assert y[0, -1].isnan()
+
+
 def test_kernel_reads_strided_input(kernel):
     gen = torch.Generator().manual_seed(3)
     x, y, a, b, a_true, b_true, idx, scale, ranks = random_case(gen, 9, 40, [16, 16], 4, 4, 2, torch.float32)

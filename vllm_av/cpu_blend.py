@@ -90,7 +90,8 @@ class NativeCPUBlend:
     """``y[t] += sum_m scale[t,m] * B_i A_i x[t]`` (``i = index[t,m]``) for one layer, by the C kernel.
 
     ``ranks[n]``: rows of AV ``n``'s A/B that are not padding (0 where the AV skips this layer).
-    Accumulates in float32; other dtypes are converted around the call and rounded once.
+    Accumulates in float32. float32 and bfloat16 layers are read and written by the kernel itself
+    (bfloat16 rounded once, as torch rounds); other dtypes are converted around the call, rounded once.
     """
 
     def __init__(self, kernel, lora_a: torch.Tensor, lora_b: torch.Tensor, out_slices: list[int], ranks: list[int]):
@@ -131,18 +132,22 @@ class NativeCPUBlend:
         rows = y.shape[0]
         if rows == 0:
             return
-        x_stride = x.stride()
-        if x.dtype != torch.float32 or x_stride[-1] != 1:
+        x_stride, y_stride = x.stride(), y.stride()
+        if x.dtype == y.dtype and x.dtype in _NATIVE_DTYPES and x_stride[-1] == 1 and y_stride[-1] == 1:
+            status = getattr(self.kernel, _NATIVE_DTYPES[x.dtype])(
+                self._weights_ref, y.data_ptr(), y_stride[0], x.data_ptr(), x_stride[0], index_ptr, scale_ptr, width, rows
+            )
+        else:  # other dtypes or layouts: convert around the float32 entry point, round once (as the op does)
             x = x.to(torch.float32).contiguous()
-            x_stride = x.stride()
-        y_stride = y.stride()
-        direct = y.dtype == torch.float32 and y_stride[-1] == 1
-        acc = y if direct else torch.zeros(y.shape, dtype=torch.float32)
-        status = self.kernel(
-            self._weights_ref, acc.data_ptr(), y_stride[0] if direct else acc.stride(0), x.data_ptr(), x_stride[0],
-            index_ptr, scale_ptr, width, rows,
-        )
+            acc = torch.zeros(y.shape, dtype=torch.float32)
+            status = self.kernel.f32(
+                self._weights_ref, acc.data_ptr(), acc.stride(0), x.data_ptr(), x.stride(0), index_ptr, scale_ptr, width, rows
+            )
+            if status == 0:
+                y.copy_(y.to(torch.float32).add_(acc).to(y.dtype))
         if status != 0:
             raise MemoryError("vllm-av: the CPU blend kernel could not allocate its scratch")
-        if not direct:  # accumulate in float32, round once (as the op does)
-            y.copy_(y.to(torch.float32).add_(acc).to(y.dtype))
+
+
+# dtypes the kernel reads and writes itself (unit inner stride), and its entry point for each
+_NATIVE_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
