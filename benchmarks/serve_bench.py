@@ -376,7 +376,8 @@ def median_ci95(values: list[float]) -> tuple[float, float] | None:
 
     The order statistics ``(x_(j), x_(n+1-j))`` with the largest ``j`` such that a Binomial(n, 1/2)
     falls below ``j`` with probability <= 2.5 %: they bracket the true median with >= 95 %
-    probability, whatever the distribution, as long as the values are independent.
+    probability, whatever the distribution, as long as the values are independent (offline rounds
+    nearly are: neighbouring rounds share one ``base`` run).
     """
     n, xs = len(values), sorted(values)
     j, tail = 0, 0.0
