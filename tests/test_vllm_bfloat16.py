@@ -11,19 +11,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.test_vllm_plugin import ENGINE, MIXES
-from vllm_av.testing import build_demo, merged_model
+from tests.test_vllm_plugin import ENGINE, MIXES, demo  # noqa: F401 (demo: the module-scoped fixture)
+from vllm_av.testing import merged_model
 
 pytestmark = pytest.mark.vllm
 
 TEXTS = ["medical: the patient has a fever and the doctor said that", "legal: the court said that the contract is void"]
 ORACLE_TOL = 0.25  # bfloat16 engine against the float32 oracle
 BLEND_TOL = 0.05  # C kernel against the dense blend, both bfloat16
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return build_demo(tmp_path_factory.mktemp("demo"))
 
 
 def bf16_engine(demo, blend: str):

@@ -99,6 +99,8 @@ class NativeCPUBlend:
 
         num_slices, num_avs, max_rank, d_in = lora_a.shape
         self.kernel = kernel
+        # the dtypes the kernel reads and writes itself (unit inner stride), and its entry point for each
+        self._entry_points = {torch.float32: kernel.f32, torch.bfloat16: kernel.bf16}
         self.a = lora_a.permute(1, 0, 2, 3).to(torch.float32).contiguous()  # [N, S, R, in]: an AV's slices together
         parts, offset = [], 0
         for width in out_slices:  # per slice [N, R, width]: a rank's output row is contiguous
@@ -133,8 +135,9 @@ class NativeCPUBlend:
         if rows == 0:
             return
         x_stride, y_stride = x.stride(), y.stride()
-        if x.dtype == y.dtype and x.dtype in _NATIVE_DTYPES and x_stride[-1] == 1 and y_stride[-1] == 1:
-            status = getattr(self.kernel, _NATIVE_DTYPES[x.dtype])(
+        entry_point = self._entry_points.get(x.dtype) if x.dtype == y.dtype else None
+        if entry_point is not None and x_stride[-1] == 1 and y_stride[-1] == 1:
+            status = entry_point(
                 self._weights_ref, y.data_ptr(), y_stride[0], x.data_ptr(), x_stride[0], index_ptr, scale_ptr, width, rows
             )
         else:  # other dtypes or layouts: convert around the float32 entry point, round once (as the op does)
@@ -147,7 +150,3 @@ class NativeCPUBlend:
                 y.copy_(y.to(torch.float32).add_(acc).to(y.dtype))
         if status != 0:
             raise MemoryError("vllm-av: the CPU blend kernel could not allocate its scratch")
-
-
-# dtypes the kernel reads and writes itself (unit inner stride), and its entry point for each
-_NATIVE_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
