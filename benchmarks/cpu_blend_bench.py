@@ -4,7 +4,7 @@ One decoder layer's four linears (qkv 128->128+64+64, o 128->128, gate_up 128->2
 down 256->128), every token row with its own random mix of 4 AVs, for two libraries: 8 AVs of
 rank 4 (what ``benchmarks/serve_bench.py`` builds) and 64 AVs of rank 16. Implementations:
 
-* ``blend_native`` -- the C kernel (``vllm_av.cpu_blend.NativeCPUBlend``; rows split over the threads from 128 rows);
+* ``blend_native`` -- the C kernel (``vllm_av.cpu_blend.NativeCPUBlend``; rows split over the threads from 32 rows);
 * ``blend_onednn`` / ``blend_aten`` -- the dense blend over the whole library with vLLM-CPU's
   oneDNN GEMMs (``CPUBlend``) or aten GEMMs (``vllm_av.ops.blend_scaled_ranks``);
 * ``base_gemms`` -- the layer's base GEMMs alone (oneDNN, as vLLM-CPU runs them), for scale.
@@ -93,7 +93,7 @@ def main() -> None:
         measure(tokens, threads, num_avs, rank, max(5, args.repeats * 64 // max(64, tokens) // (num_avs // 8)), dtype)
         for num_avs, rank in LIBRARIES for threads in (1, 2) for tokens in (1, 64, 1024)
     ]
-    print(f"per decoder layer, {args.dtype}, us (median); blend_native splits calls of 128+ rows over the threads")
+    print(f"per decoder layer, {args.dtype}, us (median); blend_native splits calls of 32+ rows over the threads")
     print(f"{'AVs':>4} {'rank':>4} {'threads':>7} {'tokens':>6} {'base GEMMs':>10} {'aten':>9} {'oneDNN':>9} {'native':>9}")
     for r in rows:
         print(f"{r['num_avs']:>4} {r['rank']:>4} {r['threads']:>7} {r['tokens']:>6} {r['base_gemms']:>10.1f} "

@@ -173,12 +173,12 @@ def test_auto_uses_the_kernel_whenever_it_builds():
     assert choose_cpu_blend("dense") == ("dense", None)
 
 
-def test_large_calls_split_rows_over_threads_and_match_one_thread(kernel):
+@pytest.mark.parametrize("rows", [37, 517])  # a decode-sized batch (two chunks, uneven); many chunks
+def test_calls_split_rows_over_threads_and_match_one_thread(kernel, rows):
     """Rows split over torch's OpenMP threads give the sums of one thread."""
     gen = torch.Generator().manual_seed(21)
-    rows = 517  # several chunks of MIN_ROWS_PER_THREAD, uneven
     x, y, a, b, a_true, b_true, idx, scale, ranks = random_case(gen, rows, 40, [24, 17], 6, 8, 4, torch.float32)
-    idx[100:300, 0] = 2  # long runs of one AV across the chunk borders
+    idx[rows // 5 : rows // 2, 0] = 2  # long runs of one AV across the chunk borders
     blend = NativeCPUBlend(kernel, a, b, [24, 17], ranks)
     threads = torch.get_num_threads()
     try:
