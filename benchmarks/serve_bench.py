@@ -19,9 +19,14 @@ and the medians over rounds are reported. It starts the servers itself on 127.0.
 time, and stops them by PID; with no ``--model`` it builds a tiny model and AV library (CPU demo).
 Offline mode (``--offline``) times ``LLM.generate`` on a fixed request list (peak throughput), with
 ``base`` run before and after every other workload so that each ratio compares neighbouring runs.
+Lockstep mode (``--lockstep``) times the same request lists with each workload's engine and the
+``base`` engine in this process, stepping in turn: both sides of a ratio see the same machine from
+one step to the next, so on a noisy shared machine its ratios spread a few percent where whole runs
+spread tens of percent.
 
     python benchmarks/serve_bench.py                       # tiny model, CPU, all workloads
     python benchmarks/serve_bench.py --smoke               # a few requests per workload (CI)
+    python benchmarks/serve_bench.py --no-online --lockstep --offline-rounds 9 --num-requests 512
     python benchmarks/serve_bench.py --model meta-llama/Llama-3.1-8B-Instruct --av-path avs/ \\
         --server-cmd "vllm serve" --num-requests 1000 --concurrency 64 --input-len 512 --output-len 128
 """
@@ -201,16 +206,56 @@ def offline_inputs(workload: Workload, lora_dir: Path) -> tuple[list, list, list
     """``LLM.generate`` arguments for a workload: prompts, sampling params, LoRA requests."""
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
+    from vllm.sampling_params import RequestOutputKind
 
     prompts, params, loras = [], [], []
     for body in workload.requests:
         av = body.get("vllm_xargs", {}).get("av")
         prompts.append(body["prompt"])
         params.append(SamplingParams(max_tokens=body["max_tokens"], ignore_eos=True, temperature=0,
-                                     extra_args={"av": av} if av else None))
+                                     extra_args={"av": av} if av else None,
+                                     output_kind=RequestOutputKind.FINAL_ONLY))  # as LLM.generate sets it
         model = body.get("model")
         loras.append(LoRARequest(model, int(model[3:]) + 1, str(lora_dir / model)) if model else None)
     return prompts, params, loras
+
+
+def start_engines(args, library: Path, kinds: dict[str, str], n_mixes: int, lora_rank: int, **extra) -> dict:
+    """An ``LLM`` per key of ``kinds``, configured as its server kind (vanilla, av, av-dense, lora), with
+    ``--offline-engine-kwargs`` (``extra`` as defaults)."""
+    from vllm import LLM
+
+    engine_kwargs = {**extra, **json.loads(args.offline_engine_kwargs)}
+    configs = {
+        "vanilla": {},
+        **{kind: {"additional_config": {"av": {"path": str(library), "max_abs_scale": args.max_abs_scale,
+                                               "cpu_blend": blend}}}
+           for kind, blend in (("av", args.av_cpu_blend), ("av-dense", "dense"))},
+        "lora": {"enable_lora": True, "max_loras": min(args.max_loras, n_mixes), "max_cpu_loras": n_mixes,
+                 "max_lora_rank": lora_rank},
+    }
+    return {key: LLM(args.model, **engine_kwargs, **configs[kind]) for key, kind in kinds.items()}
+
+
+def shut_down(engines: dict) -> None:
+    for llm in engines.values():
+        llm.llm_engine.engine_core.shutdown()  # else the engines may outlive the run (or the process)
+
+
+def offline_summary(rounds: dict[str, list[dict]], vs_base: dict[str, list[float]]) -> dict:
+    """Per workload: medians over its runs, its per-round ratios to ``base``, their median and 95 % CI;
+    for ``av-distinct`` also its ratio to ``av-same`` (the median of the per-round ratio of their ratios)."""
+    out = {}
+    for name, rs in rounds.items():
+        per_round = vs_base[name]
+        out[name] = {**median_rounds(rs), "rounds": rs, "vs_base_rounds": per_round,
+                     "vs_base": statistics.median(per_round) if per_round else None,
+                     "vs_base_ci95": median_ci95(per_round) if name != "base" else None}
+    if vs_base.get("av-distinct") and vs_base.get("av-same"):
+        per_round = [d / s for d, s in zip(vs_base["av-distinct"], vs_base["av-same"])]
+        out["av-distinct"]["vs_av_same"] = statistics.median(per_round)
+        out["av-distinct"]["vs_av_same_ci95"] = median_ci95(per_round)
+    return out
 
 
 def run_offline(args, library: Path, lora_dir: Path, workloads: list[Workload], n_mixes: int, lora_rank: int) -> dict:
@@ -221,21 +266,9 @@ def run_offline(args, library: Path, lora_dir: Path, workloads: list[Workload], 
     after each one: a workload's ratio to ``base`` in a round is its throughput over the mean of the
     two ``base`` runs around it, so a drift in machine load (large on shared machines, over
     seconds) hits both sides of each ratio alike. Every run follows an ``--offline-settle`` pause.
-    Reported: per workload the median over its runs, its per-round ratios to ``base`` and their
-    median, and ``av-distinct`` over ``av-same`` (the median of the per-round ratio of their ratios).
+    Reported: :func:`offline_summary`.
     """
-    from vllm import LLM
-
-    engine_kwargs = json.loads(args.offline_engine_kwargs)
-    configs = {
-        "vanilla": {},
-        **{kind: {"additional_config": {"av": {"path": str(library), "max_abs_scale": args.max_abs_scale,
-                                               "cpu_blend": blend}}}
-           for kind, blend in (("av", args.av_cpu_blend), ("av-dense", "dense"))},
-        "lora": {"enable_lora": True, "max_loras": min(args.max_loras, n_mixes), "max_cpu_loras": n_mixes,
-                 "max_lora_rank": lora_rank},
-    }
-    engines = {kind: LLM(args.model, **engine_kwargs, **configs[kind]) for kind in dict.fromkeys(w.server for w in workloads)}
+    engines = start_engines(args, library, {w.server: w.server for w in workloads}, n_mixes, lora_rank)
     rounds: dict[str, list[dict]] = {w.name: [] for w in workloads}
     vs_base: dict[str, list[float]] = {w.name: [] for w in workloads}
 
@@ -269,20 +302,78 @@ def run_offline(args, library: Path, lora_dir: Path, workloads: list[Workload], 
             if before is not None:
                 vs_base["base"].append(1.0)
     finally:
-        for llm in engines.values():
-            llm.llm_engine.engine_core.shutdown()  # else the engines may outlive the run (or the process)
+        shut_down(engines)
+    return offline_summary(rounds, vs_base)
 
-    out = {}
-    for name, rs in rounds.items():
-        per_round = vs_base[name]
-        out[name] = {**median_rounds(rs), "rounds": rs, "vs_base_rounds": per_round,
-                     "vs_base": statistics.median(per_round) if per_round else None,
-                     "vs_base_ci95": median_ci95(per_round) if name != "base" else None}
-    if vs_base.get("av-distinct") and vs_base.get("av-same"):
-        per_round = [d / s for d, s in zip(vs_base["av-distinct"], vs_base["av-same"])]
-        out["av-distinct"]["vs_av_same"] = statistics.median(per_round)
-        out["av-distinct"]["vs_av_same_ci95"] = median_ci95(per_round)
-    return out
+
+def run_lockstep(args, library: Path, lora_dir: Path, workloads: list[Workload], n_mixes: int, lora_rank: int) -> dict:
+    """Each workload against ``base`` with the two engines' steps alternated, one process.
+
+    The engines run in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so an engine steps only
+    when called. Each of ``--offline-rounds`` rounds pairs every workload with ``base`` (the order
+    rotated each round): both request lists are added, then the two engines take turns, one step
+    each (who goes first alternating), until both are done. Each side's time is its own request
+    adding plus its own steps, so a slow spell of the machine, from milliseconds to minutes, hits
+    both sides of a ratio alike. Reported as :func:`offline_summary`, plus ``steps`` per run.
+    Call it last: an in-process engine freezes vLLM's environment for the rest of the process.
+    """
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    import vllm.envs as envs
+
+    if envs.VLLM_ENABLE_V1_MULTIPROCESSING:
+        raise RuntimeError("--lockstep needs in-process vLLM engines, but this process has frozen vLLM's "
+                           "environment already: run it in a fresh process")
+    # an engine per server kind, and a second vanilla one for the workloads that pair with base on it (prompt)
+    engine_of = {w.name: f"{w.server} (2nd)" if w.server == "vanilla" and w.name != "base" else w.server for w in workloads}
+    kinds = {key: key.removesuffix(" (2nd)") for key in engine_of.values()}
+    engines = start_engines(args, library, kinds, n_mixes, lora_rank, distributed_executor_backend="uni")
+    rounds: dict[str, list[dict]] = {w.name: [] for w in workloads}
+    vs_base: dict[str, list[float]] = {w.name: [] for w in workloads}
+    request_ids = iter(range(1 << 62))
+
+    def lockstep(names: list[str]) -> dict[str, float]:
+        spent, tokens, steps = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0), dict.fromkeys(names, 0)
+        for name in names:
+            llm, prompts, params, loras = jobs[name]
+            t0 = time.perf_counter()
+            for prompt, param, lora in zip(prompts, params, loras):
+                llm.llm_engine.add_request(f"lockstep-{next(request_ids)}", prompt, param, lora_request=lora)
+            spent[name] += time.perf_counter() - t0
+        turn = 0
+        while running := [n for n in names if jobs[n][0].llm_engine.has_unfinished_requests()]:
+            for name in running if turn % 2 == 0 else running[::-1]:
+                t0 = time.perf_counter()
+                outputs = jobs[name][0].llm_engine.step()
+                spent[name] += time.perf_counter() - t0
+                steps[name] += 1
+                tokens[name] += sum(len(o.outputs[0].token_ids) for o in outputs if o.finished)
+            turn += 1
+        throughput = {}
+        for name in names:
+            throughput[name] = tokens[name] / spent[name]
+            rounds[name].append({"duration_s": spent[name], "request_per_s": len(jobs[name][1]) / spent[name],
+                                 "output_tok_per_s": throughput[name], "steps": steps[name]})
+        return throughput
+
+    try:
+        jobs = {w.name: (engines[engine_of[w.name]], *offline_inputs(w, lora_dir)) for w in workloads}
+        for llm, prompts, params, loras in jobs.values():  # warm-up, not recorded
+            llm.generate(prompts[:8], params[:8], lora_request=loras[:8], use_tqdm=False)
+        others = [name for name in jobs if name != "base"]
+        for r in range(args.offline_rounds):
+            for name in others[r % len(others):] + others[: r % len(others)]:
+                if "base" in jobs:
+                    throughput = lockstep(["base", name])
+                    vs_base[name].append(throughput[name] / throughput["base"])
+                else:
+                    lockstep([name])
+            if "base" in jobs:
+                if not others:
+                    lockstep(["base"])
+                vs_base["base"].append(1.0)
+    finally:
+        shut_down(engines)
+    return offline_summary(rounds, vs_base)
 
 
 # --------------------------------------------------------------------------- setup and report
@@ -318,7 +409,7 @@ def interval(ci: tuple[float, float] | None) -> str:
     return f"{ci[0]:.3f}–{ci[1]:.3f}" if ci else "n/a"
 
 
-def markdown_table(online: dict, offline: dict) -> str:
+def markdown_table(online: dict, offline: dict, lockstep: dict | None = None) -> str:
     lines = []
     if online:
         lines += ["| workload | req/s | out tok/s | vs base | TTFT p50/p99 ms | TPOT p50/p99 ms | ITL p50/p99 ms | errors |",
@@ -329,26 +420,34 @@ def markdown_table(online: dict, offline: dict) -> str:
         lines.append(f"| {name} | {r['request_per_s']:.2f} | {r['output_tok_per_s']:.1f} | {ratio} | "
                      f"{r['ttft_ms_p50']:.1f} / {r['ttft_ms_p99']:.1f} | {r['tpot_ms_p50']:.2f} / {r['tpot_ms_p99']:.2f} | "
                      f"{r['itl_ms_p50']:.2f} / {r['itl_ms_p99']:.2f} | {r['errors']} |")
-    if offline:
-        lines += [""] if lines else []
-        lines += ["| offline workload | req/s | out tok/s | vs base (median of rounds) | 95 % CI of that median "
-                  "| vs base, lowest–highest round |", "|---|---:|---:|---:|---:|---:|"]
-        for name, r in offline.items():
-            per_round = r.get("vs_base_rounds") or []
-            ratio = f"{r['vs_base']:.3f}" if r.get("vs_base") is not None else "n/a"
-            spread = f"{min(per_round):.3f}–{max(per_round):.3f}" if per_round else "n/a"
-            lines.append(f"| {name} | {r['request_per_s']:.2f} | {r['output_tok_per_s']:.1f} | {ratio} | "
-                         f"{interval(r.get('vs_base_ci95'))} | {spread} |")
-        distinct = offline.get("av-distinct", {})
-        if distinct.get("vs_av_same") is not None:
-            lines.append(f"\noffline av-distinct / av-same (median of rounds): {distinct['vs_av_same']:.3f} "
-                         f"(95 % CI {interval(distinct.get('vs_av_same_ci95'))})")
+    for design, results in (("offline", offline), ("lockstep", lockstep or {})):
+        if results:
+            lines += [""] if lines else []
+            lines += ratio_table(design, results)
+    if offline or lockstep:
         lines.append("\n95 % CI: distribution-free, from the order statistics of the rounds (n/a below 6 rounds).")
     return "\n".join(lines)
 
 
-def plot(online: dict, offline: dict, path: Path) -> None:
-    """Bars per workload: online throughput and p99 TPOT, and offline throughput (what was run)."""
+def ratio_table(design: str, results: dict) -> list[str]:
+    """Markdown lines for an offline design's results (``offline`` rounds or ``lockstep`` pairs)."""
+    lines = [f"| {design} workload | req/s | out tok/s | vs base (median of rounds) | 95 % CI of that median "
+             "| vs base, lowest–highest round |", "|---|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        per_round = r.get("vs_base_rounds") or []
+        ratio = f"{r['vs_base']:.3f}" if r.get("vs_base") is not None else "n/a"
+        spread = f"{min(per_round):.3f}–{max(per_round):.3f}" if per_round else "n/a"
+        lines.append(f"| {name} | {r['request_per_s']:.2f} | {r['output_tok_per_s']:.1f} | {ratio} | "
+                     f"{interval(r.get('vs_base_ci95'))} | {spread} |")
+    distinct = results.get("av-distinct", {})
+    if distinct.get("vs_av_same") is not None:
+        lines.append(f"\n{design} av-distinct / av-same (median of rounds): {distinct['vs_av_same']:.3f} "
+                     f"(95 % CI {interval(distinct.get('vs_av_same_ci95'))})")
+    return lines
+
+
+def plot(online: dict, offline: dict, path: Path, lockstep: dict | None = None) -> None:
+    """Bars per workload: online throughput and p99 TPOT, offline throughput, lockstep ratio to base (what was run)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -360,10 +459,12 @@ def plot(online: dict, offline: dict, path: Path) -> None:
         panels.append((online, "tpot_ms_p99", "ms", "online p99 TPOT (lower is better)", "tab:orange"))
     if offline:
         panels.append((offline, "output_tok_per_s", "output tokens / s", "offline throughput (higher is better)", "tab:green"))
+    if lockstep:
+        panels.append((lockstep, "vs_base", "throughput / base", "lockstep: vs base (higher is better)", "tab:purple"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, (results, key, unit, title, color) in zip(axes[0], panels):
         names = list(results)
-        ax.bar(names, [results[n][key] for n in names], color=color)
+        ax.bar(names, [results[n][key] or 0.0 for n in names], color=color)
         ax.set_ylabel(unit)
         ax.set_title(title)
         ax.tick_params(axis="x", rotation=30)
@@ -429,7 +530,10 @@ def parse_args(argv=None):
     p.add_argument("--online", action=argparse.BooleanOptionalAction, default=True,
                    help="drive OpenAI servers (--no-online: offline only)")
     p.add_argument("--offline-rounds", type=int, default=5,
-                   help="offline rounds (each runs every workload once, base around each); medians are reported")
+                   help="offline and lockstep rounds (each runs every workload once, with base); medians are reported")
+    p.add_argument("--lockstep", action="store_true",
+                   help="also time each workload against base with their engines' steps alternated in this "
+                        "process (in-process engines; runs last): ratios that a noisy machine barely moves")
     p.add_argument("--offline-settle", type=float, default=1.5,
                    help="seconds of pause before each timed offline run (idle engines stop polling)")
     p.add_argument("--offline-engine-kwargs", default='{"dtype": "float32", "enforce_eager": true, '
@@ -472,20 +576,21 @@ def main(argv=None) -> dict:
                     )
     online = {name: median_rounds(rs) for name, rs in rounds.items() if rs}
     offline = run_offline(args, library, lora_dir, workloads, len(lora_mixes), lora_rank) if args.offline else {}
+    lockstep = run_lockstep(args, library, lora_dir, workloads, len(lora_mixes), lora_rank) if args.lockstep else {}
     report = {
         "meta": {"date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv), "argv": vars(args),
                  "cpu_count": os.cpu_count(), "library": names, "lora_per_mix": {
                      "mixes": len(lora_mixes), "rank": lora_rank, "build_s": build_s,
                      "server_start_s": servers["lora"].start_s if "lora" in servers else None}},
         "servers": {kind: {"command": s.command, "start_s": s.start_s} for kind, s in servers.items()},
-        "online": online, "online_rounds": rounds, "offline": offline,
+        "online": online, "online_rounds": rounds, "offline": offline, "lockstep": lockstep,
     }
     out = Path(args.out) if args.out else RESULTS / f"serve_bench_{time.strftime('%Y-%m-%d')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str))
-    table = markdown_table(online, offline)
+    table = markdown_table(online, offline, lockstep)
     out.with_suffix(".md").write_text(table + "\n")
-    plot(online, offline, out.with_suffix(".png"))
+    plot(online, offline, out.with_suffix(".png"), lockstep)
     print(table)
     print(f"\nlora-per-mix: {len(lora_mixes)} adapters of rank {lora_rank} built in {build_s:.1f} s; "
           f"server start {report['meta']['lora_per_mix']['server_start_s']}")

@@ -2,6 +2,7 @@
 
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -50,4 +51,31 @@ def test_serve_bench_offline_smoke(tmp_path):
         assert math.isfinite(result["output_tok_per_s"]) and result["output_tok_per_s"] > 0, name
     assert 0 < offline["av-distinct"]["vs_av_same"] < 10
     assert "| offline workload |" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_serve_bench_lockstep_smoke(tmp_path):
+    """Lockstep: each workload paired with base, in-process engines stepping in turn (run as the CLI, in
+    a fresh process: in-process engines freeze vLLM's environment for the rest of the process)."""
+    out = tmp_path / "lockstep.json"
+    workloads = ["base", "av-distinct", "av-same", "prompt"]
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_bench.py"
+    argv = [sys.executable, str(script), "--smoke", "--no-online", "--lockstep", "--workloads", *workloads,
+            "--work-dir", str(tmp_path / "work"), "--out", str(out)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["online"] == {} and report["offline"] == {}
+    lockstep = report["lockstep"]
+    assert list(lockstep) == workloads
+    assert lockstep["base"]["vs_base"] == 1.0
+    assert len(lockstep["base"]["rounds"]) == 3  # one round: base paired with each of the three others
+    for name, result in lockstep.items():
+        assert math.isfinite(result["output_tok_per_s"]) and result["output_tok_per_s"] > 0, name
+        for run in result["rounds"]:
+            assert run["steps"] >= 8, (name, run)  # --smoke: 8 output tokens a request, one a step at most
+        if name != "base":
+            assert len(result["vs_base_rounds"]) == 1 and 0 < result["vs_base"] < 10, name
+    assert 0 < lockstep["av-distinct"]["vs_av_same"] < 10
+    assert "| lockstep workload |" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").stat().st_size > 1000
