@@ -258,6 +258,11 @@ def offline_summary(rounds: dict[str, list[dict]], vs_base: dict[str, list[float
     return out
 
 
+def rotated(names: list[str], r: int) -> list[str]:
+    """``names`` rotated left by ``r`` (round ``r``'s order)."""
+    return names[r % len(names):] + names[: r % len(names)] if names else []
+
+
 def run_offline(args, library: Path, lora_dir: Path, workloads: list[Workload], n_mixes: int, lora_rank: int) -> dict:
     """Peak throughput: ``LLM.generate`` over each workload's request list.
 
@@ -291,9 +296,8 @@ def run_offline(args, library: Path, lora_dir: Path, workloads: list[Workload], 
             llm.generate(prompts[:8], params[:8], lora_request=loras[:8], use_tqdm=False)
         others = [name for name in jobs if name != "base"]
         for r in range(args.offline_rounds):
-            order = others[r % len(others):] + others[: r % len(others)] if others else []
             before = timed("base") if "base" in jobs else None
-            for name in order:
+            for name in rotated(others, r):
                 throughput = timed(name)
                 if before is not None:  # base around every workload
                     after = timed("base")
@@ -361,7 +365,7 @@ def run_lockstep(args, library: Path, lora_dir: Path, workloads: list[Workload],
             llm.generate(prompts[:8], params[:8], lora_request=loras[:8], use_tqdm=False)
         others = [name for name in jobs if name != "base"]
         for r in range(args.offline_rounds):
-            for name in others[r % len(others):] + others[: r % len(others)]:
+            for name in rotated(others, r):
                 if "base" in jobs:
                     throughput = lockstep(["base", name])
                     vs_base[name].append(throughput[name] / throughput["base"])

@@ -1,4 +1,4 @@
-"""The serving benchmark's confidence interval of a median (pure arithmetic, no vLLM)."""
+"""The serving benchmark's arithmetic: the confidence interval of a median, the rounds' order (no vLLM)."""
 
 import random
 import sys
@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from serve_bench import median_ci95  # noqa: E402
+from serve_bench import median_ci95, rotated  # noqa: E402
 
 
 def test_order_statistics_by_size():
@@ -24,3 +24,9 @@ def test_covers_the_true_median_at_least_95_percent_of_the_time():
             ci = median_ci95([rng.expovariate(1.0) for _ in range(n)])  # skewed: true median ln 2
             covered += ci[0] <= 0.6931471805599453 <= ci[1]
         assert covered / trials >= 0.94, (n, covered / trials)
+
+
+def test_rounds_rotate_the_workload_order_and_allow_base_alone():
+    assert rotated(["a", "b", "c"], 0) == ["a", "b", "c"]
+    assert rotated(["a", "b", "c"], 4) == ["b", "c", "a"]
+    assert rotated([], 3) == []  # only base asked for: no other workload to pair with it
