@@ -53,6 +53,14 @@ def choose_cpu_blend(choice: str = "auto"):
     return "native", kernel
 
 
+def add_rounded_once(y: torch.Tensor, delta: torch.Tensor) -> None:
+    """``y += delta`` (float32) summed in float32 and rounded once to ``y``'s dtype (as the op does)."""
+    if y.dtype == torch.float32:
+        y.add_(delta)
+    else:
+        y.copy_(y.to(torch.float32).add_(delta).to(y.dtype))
+
+
 class CPUBlend:
     """``y += ((x @ A_cat.T) * coef) @ B_cat`` for one layer, weights laid out once at load."""
 
@@ -75,11 +83,7 @@ class CPUBlend:
             return
         h = self.ops.onednn_mm(self.shrink, x.to(torch.float32), None)
         scale_ranks(h, coef, self.rank)
-        delta = self.ops.onednn_mm(self.expand, h, None)
-        if y.dtype == torch.float32:
-            y.add_(delta)
-        else:  # accumulate in float32, round once (as the op does)
-            y.copy_(y.to(torch.float32).add_(delta).to(y.dtype))
+        add_rounded_once(y, self.ops.onednn_mm(self.expand, h, None))
 
     def from_tables(self, y: torch.Tensor, x: torch.Tensor, tables) -> None:
         """The layer hook's call: the coefficients of the step's first ``len(y)`` rows in ``tables``."""
@@ -147,6 +151,6 @@ class NativeCPUBlend:
                 self._weights_ref, acc.data_ptr(), acc.stride(0), x.data_ptr(), x.stride(0), index_ptr, scale_ptr, width, rows
             )
             if status == 0:
-                y.copy_(y.to(torch.float32).add_(acc).to(y.dtype))
+                add_rounded_once(y, acc)
         if status != 0:
             raise MemoryError("vllm-av: the CPU blend kernel could not allocate its scratch")
