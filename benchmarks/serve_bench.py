@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import math
 import os
@@ -220,7 +221,7 @@ def offline_inputs(workload: Workload, lora_dir: Path) -> tuple[list, list, list
     return prompts, params, loras
 
 
-def start_engines(args, library: Path, kinds: dict[str, str], n_mixes: int, lora_rank: int, **extra) -> dict:
+def start_engines(args, library: Path, kinds: dict, n_mixes: int, lora_rank: int, **extra) -> dict:
     """An ``LLM`` per key of ``kinds``, configured as its server kind (vanilla, av, av-dense, lora), with
     ``--offline-engine-kwargs`` (``extra`` as defaults)."""
     from vllm import LLM
@@ -258,6 +259,14 @@ def offline_summary(rounds: dict[str, list[dict]], vs_base: dict[str, list[float
     return out
 
 
+def warmed_up_jobs(workloads: list[Workload], engine_of: dict, engines: dict, lora_dir: Path) -> dict:
+    """Per workload: ``(engine, prompts, params, loras)``; each engine has run its first 8 requests once."""
+    jobs = {w.name: (engines[engine_of[w.name]], *offline_inputs(w, lora_dir)) for w in workloads}
+    for llm, prompts, params, loras in jobs.values():  # warm-up, not recorded
+        llm.generate(prompts[:8], params[:8], lora_request=loras[:8], use_tqdm=False)
+    return jobs
+
+
 def rotated(names: list[str], r: int) -> list[str]:
     """``names`` rotated left by ``r`` (round ``r``'s order)."""
     return names[r % len(names):] + names[: r % len(names)] if names else []
@@ -273,7 +282,8 @@ def run_offline(args, library: Path, lora_dir: Path, workloads: list[Workload], 
     seconds) hits both sides of each ratio alike. Every run follows an ``--offline-settle`` pause.
     Reported: :func:`offline_summary`.
     """
-    engines = start_engines(args, library, {w.server: w.server for w in workloads}, n_mixes, lora_rank)
+    engine_of = {w.name: w.server for w in workloads}
+    engines = start_engines(args, library, {kind: kind for kind in engine_of.values()}, n_mixes, lora_rank)
     rounds: dict[str, list[dict]] = {w.name: [] for w in workloads}
     vs_base: dict[str, list[float]] = {w.name: [] for w in workloads}
 
@@ -291,9 +301,7 @@ def run_offline(args, library: Path, lora_dir: Path, workloads: list[Workload], 
         return tokens / duration
 
     try:
-        jobs = {w.name: (engines[w.server], *offline_inputs(w, lora_dir)) for w in workloads}
-        for llm, prompts, params, loras in jobs.values():  # warm-up, not recorded
-            llm.generate(prompts[:8], params[:8], lora_request=loras[:8], use_tqdm=False)
+        jobs = warmed_up_jobs(workloads, engine_of, engines, lora_dir)
         others = [name for name in jobs if name != "base"]
         for r in range(args.offline_rounds):
             before = timed("base") if "base" in jobs else None
@@ -327,13 +335,13 @@ def run_lockstep(args, library: Path, lora_dir: Path, workloads: list[Workload],
     if envs.VLLM_ENABLE_V1_MULTIPROCESSING:
         raise RuntimeError("--lockstep needs in-process vLLM engines, but this process has frozen vLLM's "
                            "environment already: run it in a fresh process")
-    # an engine per server kind, and a second vanilla one for the workloads that pair with base on it (prompt)
-    engine_of = {w.name: f"{w.server} (2nd)" if w.server == "vanilla" and w.name != "base" else w.server for w in workloads}
-    kinds = {key: key.removesuffix(" (2nd)") for key in engine_of.values()}
+    # an engine per (server kind, second copy): the workloads that pair with base on its kind (prompt) get another
+    engine_of = {w.name: (w.server, w.server == "vanilla" and w.name != "base") for w in workloads}
+    kinds = {key: key[0] for key in engine_of.values()}
     engines = start_engines(args, library, kinds, n_mixes, lora_rank, distributed_executor_backend="uni")
     rounds: dict[str, list[dict]] = {w.name: [] for w in workloads}
     vs_base: dict[str, list[float]] = {w.name: [] for w in workloads}
-    request_ids = iter(range(1 << 62))
+    request_ids = itertools.count()
 
     def lockstep(names: list[str]) -> dict[str, float]:
         spent, tokens, steps = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0), dict.fromkeys(names, 0)
@@ -360,9 +368,7 @@ def run_lockstep(args, library: Path, lora_dir: Path, workloads: list[Workload],
         return throughput
 
     try:
-        jobs = {w.name: (engines[engine_of[w.name]], *offline_inputs(w, lora_dir)) for w in workloads}
-        for llm, prompts, params, loras in jobs.values():  # warm-up, not recorded
-            llm.generate(prompts[:8], params[:8], lora_request=loras[:8], use_tqdm=False)
+        jobs = warmed_up_jobs(workloads, engine_of, engines, lora_dir)
         others = [name for name in jobs if name != "base"]
         for r in range(args.offline_rounds):
             for name in rotated(others, r):
@@ -413,7 +419,7 @@ def interval(ci: tuple[float, float] | None) -> str:
     return f"{ci[0]:.3f}–{ci[1]:.3f}" if ci else "n/a"
 
 
-def markdown_table(online: dict, offline: dict, lockstep: dict | None = None) -> str:
+def markdown_table(online: dict, offline: dict, lockstep: dict) -> str:
     lines = []
     if online:
         lines += ["| workload | req/s | out tok/s | vs base | TTFT p50/p99 ms | TPOT p50/p99 ms | ITL p50/p99 ms | errors |",
@@ -424,7 +430,7 @@ def markdown_table(online: dict, offline: dict, lockstep: dict | None = None) ->
         lines.append(f"| {name} | {r['request_per_s']:.2f} | {r['output_tok_per_s']:.1f} | {ratio} | "
                      f"{r['ttft_ms_p50']:.1f} / {r['ttft_ms_p99']:.1f} | {r['tpot_ms_p50']:.2f} / {r['tpot_ms_p99']:.2f} | "
                      f"{r['itl_ms_p50']:.2f} / {r['itl_ms_p99']:.2f} | {r['errors']} |")
-    for design, results in (("offline", offline), ("lockstep", lockstep or {})):
+    for design, results in (("offline", offline), ("lockstep", lockstep)):
         if results:
             lines += [""] if lines else []
             lines += ratio_table(design, results)
@@ -450,7 +456,7 @@ def ratio_table(design: str, results: dict) -> list[str]:
     return lines
 
 
-def plot(online: dict, offline: dict, path: Path, lockstep: dict | None = None) -> None:
+def plot(online: dict, offline: dict, lockstep: dict, path: Path) -> None:
     """Bars per workload: online throughput and p99 TPOT, offline throughput, lockstep ratio to base (what was run)."""
     import matplotlib
 
@@ -594,7 +600,7 @@ def main(argv=None) -> dict:
     out.write_text(json.dumps(report, indent=2, default=str))
     table = markdown_table(online, offline, lockstep)
     out.with_suffix(".md").write_text(table + "\n")
-    plot(online, offline, out.with_suffix(".png"), lockstep)
+    plot(online, offline, lockstep, out.with_suffix(".png"))
     print(table)
     print(f"\nlora-per-mix: {len(lora_mixes)} adapters of rank {lora_rank} built in {build_s:.1f} s; "
           f"server start {report['meta']['lora_per_mix']['server_start_s']}")
