@@ -223,7 +223,7 @@ static void blend_entries(const av_weights *w, float *y, int64_t y_stride, const
 /* Rows per thread below which a call stays on one thread (-D overrides it, to compare). In serving,
  * torch's threads are still spinning from the base GEMM just before, so a parallel region costs ~1 us:
  * splitting from 32 rows (decode batches included) made a layer's blend 1.3-2x faster than from 128
- * (benchmarks/RESULTS.md, "CPU blend per layer"). */
+ * (benchmarks/cpu_thread_split_bench.py; benchmarks/RESULTS.md, "CPU blend per layer"). */
 #ifndef MIN_ROWS_PER_THREAD
 #define MIN_ROWS_PER_THREAD 16
 #endif
