@@ -11,7 +11,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from vllm_av.server_process import CPU_FLAGS, ServerProcess
+from vllm_av.cli.server_process import CPU_FLAGS, ServerProcess
 
 VLLM_AV = str(Path(sys.executable).parent / "vllm-av")
 

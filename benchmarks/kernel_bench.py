@@ -167,7 +167,7 @@ def run_gpu(args) -> dict:
     from vllm_av.kernels.blend import blend_config, blend_triton
     prev = _load_prev(args.prev) if args.prev else None
     touch = _inplace_pass(torch)
-    from vllm_av.ops import blend_reference
+    from vllm_av.serving.blend.op import blend_reference
 
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)

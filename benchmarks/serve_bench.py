@@ -49,8 +49,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vllm_av.config import CPU_BLENDS
-from vllm_av.server_process import CPU_FLAGS, ServerProcess
+from vllm_av.serving.config import CPU_BLENDS
+from vllm_av.cli.server_process import CPU_FLAGS, ServerProcess
 
 RESULTS = Path(__file__).parent / "results"
 PREFERENCE_PROMPT = (
@@ -391,10 +391,10 @@ def run_lockstep(args, library: Path, lora_dir: Path, workloads: list[Workload],
 
 def prepare(args, work: Path) -> tuple[Path, list[str], Path, list[dict], int, float]:
     """The AV library (built if needed), its names, and the lora-per-mix adapters (timed)."""
-    from vllm_av.library import load_library
-    from vllm_av.config import AVConfig
-    from vllm_av.materialize import materialize_mix
-    from vllm_av.testing import build_demo
+    from vllm_av.serving.library import load_library
+    from vllm_av.serving.config import AVConfig
+    from vllm_av.offline.materialize import materialize_mix
+    from vllm_av.testing.models import build_demo
 
     if args.model is None:  # the tiny CPU setup: a random Llama and num_avs rank-4 AVs
         model, library = build_demo(work / "tiny", avs={f"av{i}": 100 + i for i in range(args.num_avs)})

@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "soak.json")
     args = parser.parse_args(argv)
-    from vllm_av.testing import build_demo
+    from vllm_av.testing.models import build_demo
 
     rng = random.Random(args.seed)
     pool = make_pool(rng, args.distinct, with_mixes=not args.no_mixes)

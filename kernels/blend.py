@@ -1,4 +1,4 @@
-"""Fused Triton kernel for ``torch.ops.vllm_av.blend_`` (layout: see :mod:`vllm_av.ops`).
+"""Fused Triton kernel for ``torch.ops.vllm_av.blend_`` (layout: see :mod:`vllm_av.serving.blend.op`).
 
 The op computes, for every token row ``t``::
 

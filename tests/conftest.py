@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vllm_av.cli import main
-from vllm_av.testing import LINEAR_SUFFIXES, build_tiny_model, make_aligned_variant
+from vllm_av.cli.main import main
+from vllm_av.testing.models import LINEAR_SUFFIXES, build_tiny_model, make_aligned_variant
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from tests.test_ops_reference import loop_oracle
-from vllm_av.cpu_blend import CPUBlend, cpu_gemm_backend
-from vllm_av.ops import mix_coefficients
+from vllm_av.serving.blend.cpu import CPUBlend, cpu_gemm_backend
+from vllm_av.serving.blend.op import mix_coefficients
 
 
 @pytest.mark.parametrize("use_onednn", [True, False], ids=["onednn_if_present", "aten"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.test_ops_reference import loop_oracle
-from vllm_av.cpu_blend import NativeCPUBlend, choose_cpu_blend
+from vllm_av.serving.blend.cpu import NativeCPUBlend, choose_cpu_blend
 from vllm_av.kernels import cpu
 
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vllm_av.avfile import check_compatibility, read_av, read_factors
-from vllm_av.extract import extract
-from vllm_av.testing import build_tiny_model
+from vllm_av.format.avfile import check_compatibility, read_av, read_factors
+from vllm_av.offline.extract import extract
+from vllm_av.testing.models import build_tiny_model
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -184,7 +184,7 @@ def test_read_av_and_check_compatibility_do_not_import_torch(tiny_pair, rank4):
     code = textwrap.dedent(
         f"""
         import sys
-        from vllm_av.avfile import check_compatibility, read_av
+        from vllm_av.format.avfile import check_compatibility, read_av
         verdict = check_compatibility(read_av({str(rank4)!r}), {str(tiny_pair[0])!r}).verdict
         assert verdict == "same_base", verdict
         assert "torch" not in sys.modules
@@ -204,8 +204,8 @@ MEM_BOUND_MIB = 40
 
 MEASURE = """
 import json, sys, time, torch
-from vllm_av import svd
-from vllm_av.extract import extract
+from vllm_av.offline import svd
+from vllm_av.offline.extract import extract
 
 def rss(field):
     for line in open("/proc/self/status"):

@@ -175,7 +175,7 @@ def _llama_like(T=16, N=8, R=16, M=4, seed=0):
 @needs_cuda
 def test_op_dispatches_to_triton_on_cuda(monkeypatch):
     import vllm_av.kernels.blend as blend_mod
-    from vllm_av import ops
+    from vllm_av.serving.blend import op as ops
 
     assert ops.cuda_impl_name() == "triton"
     calls = []
@@ -191,7 +191,7 @@ def test_op_dispatches_to_triton_on_cuda(monkeypatch):
 @gpu
 @needs_cuda
 def test_op_under_torch_compile_fullgraph():
-    from vllm_av import ops  # noqa: F401  (registers the op)
+    from vllm_av.serving.blend import op as ops  # noqa: F401  (registers the op)
 
     (y, x, a, b, index, scale), slices = _llama_like(T=24)
     expected = y.clone()
@@ -210,7 +210,7 @@ def test_op_under_torch_compile_fullgraph():
 @needs_cuda
 def test_cuda_graph_replay_follows_new_indices():
     """Capture once, then change av_index/av_scale in place: replays use the new data."""
-    from vllm_av import ops
+    from vllm_av.serving.blend import op as ops
 
     (y0, x, a, b, index, scale), slices = _llama_like(T=64, M=4)
     y = y0.clone()

@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from vllm_av.materialize import materialize_mix
-from vllm_av.testing import build_demo, merged_model
+from vllm_av.offline.materialize import materialize_mix
+from vllm_av.testing.models import build_demo
+from vllm_av.testing.oracle import merged_model
 
 
 @pytest.fixture(scope="module")

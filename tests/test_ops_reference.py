@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-import vllm_av.ops  # noqa: F401  (registers torch.ops.vllm_av.blend_)
-from vllm_av.ops import blend_reference
+import vllm_av.serving.blend.op  # noqa: F401  (registers torch.ops.vllm_av.blend_)
+from vllm_av.serving.blend.op import blend_reference
 
 
 def loop_oracle(y, x, a, b, idx, scale, out_slices):

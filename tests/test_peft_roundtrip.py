@@ -5,8 +5,8 @@ import warnings
 import pytest
 import torch
 
-from vllm_av.avfile import read_av, read_factors
-from vllm_av.extract import extract
+from vllm_av.format.avfile import read_av, read_factors
+from vllm_av.offline.extract import extract
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

@@ -7,7 +7,7 @@ pytestmark = pytest.mark.vllm
 
 @pytest.fixture(scope="module")
 def demo_paths():
-    from vllm_av.demo import DEMO_DATA
+    from vllm_av.cli.demo import DEMO_DATA
 
     return DEMO_DATA / "model", DEMO_DATA / "avs"
 
@@ -15,9 +15,9 @@ def demo_paths():
 def engine_config(demo_paths, **kwargs):
     from vllm.engine.arg_utils import EngineArgs
 
-    import vllm_av.plugin
+    import vllm_av.serving.plugin
 
-    vllm_av.plugin.register()
+    vllm_av.serving.plugin.register()
     model, library = demo_paths
     args = EngineArgs(model=str(model), dtype="float32", max_model_len=256, enforce_eager=True,
                       additional_config={"av": {"path": str(library)}}, **kwargs)

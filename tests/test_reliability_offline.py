@@ -16,7 +16,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 from fuzz import LIMITS, fuzz_offline  # noqa: E402
 
-from vllm_av.testing import build_demo  # noqa: E402
+from vllm_av.testing.models import build_demo  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -46,7 +46,7 @@ def test_extra_args_that_are_not_a_dict_do_not_crash_admission(llm, extra_args):
     """``"av" in "xavier"`` is true: admission must not index a non-dict ``extra_args``."""
     from vllm import SamplingParams
 
-    from vllm_av.frontend import admit
+    from vllm_av.serving.frontend import admit
 
     assert admit(SamplingParams(max_tokens=1, extra_args=extra_args), None) == ()
 
@@ -89,7 +89,7 @@ def test_av_only_engine_matches_the_merged_weights_oracle(llm):
     from transformers import AutoTokenizer
     from vllm import SamplingParams
 
-    from vllm_av.testing import merged_model
+    from vllm_av.testing.oracle import merged_model
 
     config = llm.llm_engine.vllm_config
     model_dir, library = config.model_config.model, config.additional_config["av"]["path"]

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 from av_server import av_server  # noqa: E402
 from fuzz import SERVER_FLAGS, Fuzzer  # noqa: E402
 
-from vllm_av.testing import build_demo  # noqa: E402
+from vllm_av.testing.models import build_demo  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 

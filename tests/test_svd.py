@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vllm_av import svd
+from vllm_av.offline import svd
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.test_vllm_plugin import ENGINE, MIXES, demo  # noqa: F401 (demo: the module-scoped fixture)
-from vllm_av.testing import merged_model
+from vllm_av.testing.oracle import merged_model
 
 pytestmark = pytest.mark.vllm
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_av.testing import build_demo, merged_model
+from vllm_av.testing.models import build_demo
+from vllm_av.testing.oracle import merged_model
 
 pytestmark = pytest.mark.vllm
 
@@ -103,7 +104,7 @@ def test_av_served_as_ordinary_lora_matches_oracle(llm, demo, tmp_path_factory):
     """An extracted AV is a valid PEFT LoRA for stock vLLM, fixed rank and energy mode (rank_pattern) alike."""
     from vllm.lora.request import LoRARequest
 
-    from vllm_av.extract import extract
+    from vllm_av.offline.extract import extract
 
     model, library = demo
     energy_lib = tmp_path_factory.mktemp("energy")

@@ -17,8 +17,9 @@ import pytest
 import requests
 import torch
 
-from vllm_av.server_process import CPU_FLAGS, ServerProcess
-from vllm_av.testing import build_demo, merged_model
+from vllm_av.cli.server_process import CPU_FLAGS, ServerProcess
+from vllm_av.testing.models import build_demo
+from vllm_av.testing.oracle import merged_model
 
 pytestmark = pytest.mark.vllm
 

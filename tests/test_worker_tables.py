@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_av.config import AVConfig
-from vllm_av.library import AVEntry
-from vllm_av.worker import AVTables, AVWorkerState
+from vllm_av.serving.config import AVConfig
+from vllm_av.serving.library import AVEntry
+from vllm_av.serving.worker.tables import AVTables, AVWorkerState
 
 NAMES = ["a", "b", "c", "d"]
 RANK = 2
@@ -138,7 +138,7 @@ def test_table_overflow_is_an_error(dense):
 def test_cpu_blends_read_the_filled_tables(dense):
     """What the layer hook runs on CPU: each blend's ``from_tables`` on a step's tables, against float64."""
     from tests.test_ops_reference import loop_oracle
-    from vllm_av.cpu_blend import CPUBlend, NativeCPUBlend
+    from vllm_av.serving.blend.cpu import CPUBlend, NativeCPUBlend
     from vllm_av.kernels.cpu import load
 
     state = make_state(dense)

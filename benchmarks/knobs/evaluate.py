@@ -59,12 +59,12 @@ def strip_eos(tokens: list[int], eos: int) -> list[int]:
 
 
 def oracle_check(model_dir: Path, library: Path, served: list[dict], tie_tol: float = 1e-4) -> dict:
-    """Greedy tokens of the merged-weights transformers model (``vllm_av.testing.merged_model``)
+    """Greedy tokens of the merged-weights transformers model (``vllm_av.testing.oracle.merged_model``)
     against vLLM's for each served sample; a divergence is tolerated only at an exact near-tie
     (the oracle's top-2 logits within ``tie_tol``), and counted."""
     from transformers import AutoTokenizer
 
-    from vllm_av.testing import merged_model
+    from vllm_av.testing.oracle import merged_model
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     equal = ties = 0
@@ -95,7 +95,7 @@ def kl_to_reference(model_dir: Path, library: Path, ref_mix: dict, mix: dict, sa
     the reference model's own greedy tokens), both models merged in transformers."""
     from transformers import AutoTokenizer
 
-    from vllm_av.testing import merged_model
+    from vllm_av.testing.oracle import merged_model
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     ref, other = merged_model(model_dir, library, ref_mix), merged_model(model_dir, library, mix)

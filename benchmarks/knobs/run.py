@@ -55,7 +55,7 @@ def build(out: Path, cfg: dict, timings: dict) -> tuple[Path, Path, dict, dict]:
     """Steps 1-4: data, tokenizer, base model, DPO per (domain, level), AV extraction."""
     from transformers import AutoTokenizer
 
-    from vllm_av.extract import extract
+    from vllm_av.offline.extract import extract
 
     assert D.check_classifier() == 1.0, "the classifier must label every reference response correctly"
     train, test = D.split()
@@ -366,7 +366,7 @@ def main(argv=None) -> int:
 
 def export_demo(out: Path, dest: Path, rank: int = 8) -> None:
     """The demo's embedded model and library: the trained base + every (domain, level) AV at ``rank``."""
-    from vllm_av.extract import extract
+    from vllm_av.offline.extract import extract
 
     if dest.exists():
         shutil.rmtree(dest)

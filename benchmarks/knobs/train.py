@@ -36,7 +36,7 @@ def build_tokenizer(out_dir: Path, vocab: int = 512):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from vllm_av.testing import CHAT_TEMPLATE
+    from vllm_av.testing.models import CHAT_TEMPLATE
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -7,7 +7,7 @@ The demo starts ``vllm-av serve`` on 127.0.0.1 (CPU works), sends persona questi
 mixes at once (one batch, one mix per request), prints what each mix produced and the level the
 benchmark's classifier reads in it, shows a bad mix refused, and stops the server. Without the
 embedded data (a source checkout where it was removed) it falls back to
-``vllm_av.testing.build_demo``: a random model with seeded AVs, plumbing only.
+``vllm_av.testing.models.build_demo``: a random model with seeded AVs, plumbing only.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from vllm_av.server_process import CPU_FLAGS, ServerProcess
+from vllm_av.cli.server_process import CPU_FLAGS, ServerProcess
 
-DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
+DEMO_DATA = Path(__file__).resolve().parents[1] / "demo_data"
 # (prompt, mix) pairs sent together; the prompts are in the demo model's chat format.
 MEDICAL = "<|user|>i am a retired teacher . what should i do about my fever ?\n<|assistant|>"
 LEGAL = "<|user|>i am a shop owner . can my lease be changed without notice ?\n<|assistant|>"
@@ -76,7 +76,7 @@ def run_demo(workdir: str, prompt: str | None = None, max_tokens: int | None = N
         if prompt:
             requests = [(prompt, mix) for mix in dict.fromkeys(m for _, m in DEMO_REQUESTS)]
     else:
-        from vllm_av.testing import build_demo
+        from vllm_av.testing.models import build_demo
 
         print(f"[1/3] no embedded demo data: building the random tiny model and AV library in {root} ...", flush=True)
         model, library = build_demo(root)
@@ -86,7 +86,7 @@ def run_demo(workdir: str, prompt: str | None = None, max_tokens: int | None = N
     flags = list(CPU_FLAGS)
     if trained:  # the trained model's context is 256 positions
         flags[flags.index("--max-model-len") + 1] = "256"
-    command = [sys.executable, "-m", "vllm_av.cli", "serve", str(model), "--av-path", str(library), *flags]
+    command = [sys.executable, "-m", "vllm_av.cli.main", "serve", str(model), "--av-path", str(library), *flags]
     print(f"[2/3] starting: vllm-av serve {model} --av-path {library} ... (log: {log})", flush=True)
     with ServerProcess(command, log) as server:
         url = server.url

@@ -19,7 +19,7 @@ AVs of a smaller rank are zero-padded to ``R``. Accumulation is in float32.
 
 Implementations: :func:`blend_reference` (pure torch, dense, no data-dependent shapes; the
 oracle), its pre-laid-out form :func:`blend_scaled_ranks` (weights from :func:`dense_weights`;
-what CPU layers run, through :class:`vllm_av.cpu_blend.CPUBlend`) and the fused Triton kernel in :mod:`vllm_av.kernels` on CUDA. Which one
+what CPU layers run, through :class:`vllm_av.serving.blend.cpu.CPUBlend`) and the fused Triton kernel in :mod:`vllm_av.kernels` on CUDA. Which one
 runs on CUDA is chosen once by :func:`cuda_impl_name` and logged.
 """
 

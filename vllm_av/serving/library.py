@@ -16,8 +16,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vllm_av.config import AVConfig
-from vllm_av.mix import NAME_RE
+from vllm_av.serving.config import AVConfig
+from vllm_av.serving.mix import NAME_RE
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -28,6 +28,8 @@ _KEY_RE = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.wei
 
 
 logger = logging.getLogger("vllm.av")
+
+_libraries: dict[tuple, list] = {}  # this process's validated libraries (see library_for)
 
 
 class AVLibraryError(ValueError):
@@ -183,7 +185,7 @@ def _load_entry(directory: Path, config: AVConfig, model_shapes, model_dir: str 
     rank, modules = _check_tensors(weights, config, model_shapes, max_scaling)
     compatibility = "unknown"
     if meta and model_dir is not None:
-        from vllm_av.avfile import check_compatibility
+        from vllm_av.format.avfile import check_compatibility
 
         try:
             compatibility, reason = check_compatibility(meta, model_dir)
@@ -204,7 +206,7 @@ def _load_entry(directory: Path, config: AVConfig, model_shapes, model_dir: str 
 
 def _model_weight_shapes(model_dir: str) -> dict[str, tuple[int, int]]:
     """``{module: (out, in)}`` for every 2-D ``<module>.weight`` of a local checkpoint (headers only)."""
-    from vllm_av.checkpoint import Checkpoint
+    from vllm_av.format.checkpoint import Checkpoint
 
     tensors = Checkpoint.open(model_dir).tensors
     return {
@@ -254,3 +256,17 @@ def _scan(directory: Path, config: AVConfig, model_shapes, model_dir: str | None
     if not (directory / ADAPTER_CONFIG).is_file():
         raise _fail(directory / ADAPTER_CONFIG, "missing (every library sub-directory must be a PEFT LoRA adapter)")
     return _load_entry(directory, config, model_shapes, model_dir, real_root)
+
+
+def local_model_dir(model: str) -> str | None:
+    """The served model's directory if it is a local path, else None (a hub name)."""
+    return model if model and Path(model).is_dir() else None
+
+
+def library_for(config: AVConfig, model_dir: str | None) -> list[AVEntry]:
+    """:func:`load_library` once per process for the same settings and model (cached)."""
+    # Everything load_library's checks depend on (not max_per_request/max_abs_scale/stock_lora).
+    key = (config.path, config.max_rank, config.max_name_length, config.lenient, model_dir)
+    if key not in _libraries:
+        _libraries[key] = load_library(config.path, config, model_dir=model_dir)
+    return _libraries[key]

@@ -18,17 +18,17 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from vllm.exceptions import VLLMValidationError
-
-from vllm_av.config import AVConfig, av_config_from
-from vllm_av.mix import MixError, mix_to_str, parse_mix
+from vllm_av.serving import patch_points as points
+from vllm_av.serving.config import AVConfig, av_config_from
+from vllm_av.serving.library import library_for, local_model_dir
+from vllm_av.serving.mix import MixError, mix_to_str, parse_mix
 
 logger = logging.getLogger("vllm.av")
 
 MIX_KEY = "av"
 
 
-class AVMixRejected(VLLMValidationError, ValueError):
+class AVMixRejected(points.VALIDATION_ERROR.get(), ValueError):
     """A request's AV mix was rejected: HTTP 400 on the server, a ``ValueError`` offline."""
 
 
@@ -65,12 +65,8 @@ def admit(params, served: ServedLibrary | None) -> tuple:
 
 
 def _install_input_processor() -> None:
-    from vllm.v1.engine.input_processor import InputProcessor
-
-    from vllm_av.plugin import library_for, local_model_dir
-
-    original_init = InputProcessor.__init__
-    original_process = InputProcessor.process_inputs
+    original_init = points.INPUT_PROCESSOR_INIT.get()
+    original_process = points.PROCESS_INPUTS.get()
 
     def __init__(self, vllm_config, *args, **kwargs):
         global _served
@@ -102,21 +98,14 @@ def _install_input_processor() -> None:
                 del sampling.extra_args[MIX_KEY]
         return request
 
-    InputProcessor.__init__ = __init__
-    InputProcessor.process_inputs = process_inputs
+    points.INPUT_PROCESSOR_INIT.replace(__init__)
+    points.PROCESS_INPUTS.replace(process_inputs)
 
 
 def _install_beam_search_guard() -> None:
     """Refuse ``use_beam_search`` with an ``av`` mix (beam search would drop the mix)."""
-    try:
-        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-    except ImportError:
-        logger.warning("vllm-av: this vLLM's request classes moved; beam search with a mix is not refused")
-        return
-
-    for request_class in (CompletionRequest, ChatCompletionRequest):
-        original = request_class.to_beam_search_params
+    for point in (points.COMPLETION_BEAM_SEARCH, points.CHAT_BEAM_SEARCH):
+        original = point.get()
 
         def to_beam_search_params(self, *args, _original=original, **kwargs):
             if self.vllm_xargs and MIX_KEY in self.vllm_xargs:
@@ -124,16 +113,11 @@ def _install_beam_search_guard() -> None:
                                     parameter="vllm_xargs.av")
             return _original(self, *args, **kwargs)
 
-        request_class.to_beam_search_params = to_beam_search_params
+        point.replace(to_beam_search_params)
 
 
 def _install_listing_route() -> None:
     """Add ``GET /v1/av`` wherever vLLM attaches its ``/v1/models`` router."""
-    try:
-        from vllm.entrypoints.openai.models import api_router
-    except ImportError:
-        logger.warning("vllm-av: this vLLM has no models router to extend; GET /v1/av is unavailable")
-        return
     from fastapi import APIRouter
     from fastapi.responses import JSONResponse
 
@@ -145,14 +129,14 @@ def _install_listing_route() -> None:
             return JSONResponse({"error": {"message": "AV serving is not enabled", "code": 404}}, status_code=404)
         return JSONResponse(_served.listing())
 
-    original_attach = api_router.attach_router
+    original_attach = points.ATTACH_ROUTER.get()
 
     def attach_router(app, *args, **kwargs):
         result = original_attach(app, *args, **kwargs)
         app.include_router(router)
         return result
 
-    api_router.attach_router = attach_router
+    points.ATTACH_ROUTER.replace(attach_router)
 
 
 def install() -> None:

@@ -13,8 +13,8 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-from . import __version__
-from .errors import AVError
+from vllm_av import __version__
+from vllm_av.errors import AVError
 
 Runner = Callable[[argparse.Namespace], "int | None"]
 
@@ -55,7 +55,7 @@ def extract_command(p: argparse.ArgumentParser) -> Runner:
 
     def run(args: argparse.Namespace) -> int:
         try:
-            from .extract import extract
+            from vllm_av.offline.extract import extract
         except ModuleNotFoundError as e:
             if e.name != "torch":
                 raise
@@ -91,8 +91,8 @@ def inspect_command(p: argparse.ArgumentParser) -> Runner:
     p.add_argument("--model", metavar="MODEL_DIR", help="also check whether the AV can be applied to this model")
 
     def run(args: argparse.Namespace) -> int:
-        from .avfile import check_compatibility, read_av
-        from .report import format_report, report_dict
+        from vllm_av.format.avfile import check_compatibility, read_av
+        from vllm_av.offline.report import format_report, report_dict
 
         meta = read_av(args.av)
         compat = check_compatibility(meta, args.model) if args.model else None
@@ -111,7 +111,7 @@ def serve_command(p: argparse.ArgumentParser) -> Runner:
                    help="passed to `vllm serve` with --enable-av implied")
 
     def run(args: argparse.Namespace) -> int:
-        from .serve import serve_main
+        from vllm_av.cli.serve import serve_main
 
         return serve_main(args.vllm_args)
 
@@ -125,7 +125,7 @@ def demo_command(p: argparse.ArgumentParser) -> Runner:
     p.add_argument("--max-tokens", type=int, default=None, help="tokens generated per request (default 40; 12 for the random fallback)")
 
     def run(args: argparse.Namespace) -> int:
-        from .demo import run_demo
+        from vllm_av.cli.demo import run_demo
 
         return run_demo(args.dir, args.prompt, args.max_tokens)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .avfile import AVMeta, Compatibility
+from vllm_av.format.avfile import AVMeta, Compatibility
 
 
 def report_dict(meta: AVMeta, compat: Compatibility | None = None) -> dict:

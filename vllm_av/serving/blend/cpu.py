@@ -3,7 +3,7 @@
 * :class:`NativeCPUBlend` -- the C kernel of :mod:`vllm_av.kernels.cpu`: work grows with the
   entries each row uses, not with the library size; large calls split their rows over torch's
   threads. It reads the op's ``index/scale [T, M]`` tables.
-* :class:`CPUBlend` -- the dense math of :func:`vllm_av.ops.blend_scaled_ranks` over every AV
+* :class:`CPUBlend` -- the dense math of :func:`vllm_av.serving.blend.op.blend_scaled_ranks` over every AV
   of the library, with vLLM-CPU's prepacked oneDNN GEMMs where the build has them (multi-threaded),
   else aten. It reads the dense ``coef_rank`` table.
 
@@ -18,7 +18,7 @@ import ctypes
 import numpy as np
 import torch
 
-from vllm_av.ops import blend_scaled_ranks, dense_weights, scale_ranks
+from vllm_av.serving.blend.op import blend_scaled_ranks, dense_weights, scale_ranks
 
 
 def _onednn():
@@ -75,7 +75,7 @@ class CPUBlend:
             self.expand = self.ops.create_onednn_mm(b_cat, 32)
 
     def __call__(self, y: torch.Tensor, x: torch.Tensor, coef: torch.Tensor) -> None:
-        """Add the blend for ``coef [T, N]`` (see :class:`vllm_av.worker.AVTables`) to ``y``."""
+        """Add the blend for ``coef [T, N]`` (see :class:`vllm_av.serving.worker.tables.AVTables`) to ``y``."""
         if self.ops is None:
             blend_scaled_ranks(y, x, self.a_cat, self.b_cat, coef, self.rank)
             return

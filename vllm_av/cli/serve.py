@@ -12,26 +12,23 @@ import sys
 
 def serve_main(argv: list[str]) -> int:
     """Parse ``argv`` as ``vllm serve`` arguments (``--enable-av`` implied) and run the server."""
-    from vllm_av.vllm_compat import require_supported_vllm
+    from vllm_av.serving import patch_points as points
 
-    require_supported_vllm()
-    from vllm.entrypoints.cli import serve as serve_module
-    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
-    from vllm.logger import configure_logging_from_args
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    from vllm_av.plugin import register
+    points.require_supported_vllm()
+    from vllm_av.serving.plugin import register
 
     register()  # also loaded by vLLM itself; registering first is harmless (idempotent)
-    cli_env_setup()
-    parser = FlexibleArgumentParser(prog="vllm-av", description="vLLM OpenAI server with Alignment Vectors")
+    series = points.installed_series()
+    cli_env_setup = points.CLI_ENV_SETUP if points.CLI_ENV_SETUP.applies_to(series) else points.CLI_ENV_SETUP_032
+    cli_env_setup.get()()
+    parser = points.ARG_PARSER.get()(prog="vllm-av", description="vLLM OpenAI server with Alignment Vectors")
     subparsers = parser.add_subparsers(required=True, dest="subparser")
-    (command,) = [c for c in serve_module.cmd_init() if c.name == "serve"]
+    (command,) = [c for c in points.SERVE_CMD_INIT.get()() if c.name == "serve"]
     command.subparser_init(subparsers).set_defaults(dispatch_function=command.cmd)
     if "--enable-av" not in argv and "--enable_av" not in argv:
         argv = [*argv, "--enable-av"]
     args = parser.parse_args(["serve", *argv])
-    configure_logging_from_args(args)
+    points.CONFIGURE_LOGGING.get()(args)
     command.validate(args)
     args.dispatch_function(args)
     return 0

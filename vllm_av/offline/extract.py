@@ -13,11 +13,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from . import __version__
-from .avfile import AV_JSON, AVMeta, ModuleStats, Totals, write_av
-from .checkpoint import Checkpoint, arch_fields
-from .errors import AVError
-from . import svd
+from vllm_av import __version__
+from vllm_av.format.avfile import AV_JSON, AVMeta, ModuleStats, Totals, write_av
+from vllm_av.format.checkpoint import Checkpoint, arch_fields
+from vllm_av.errors import AVError
+from vllm_av.offline import svd
 
 # Linear modules vLLM can put LoRA on in Llama-like models. Checkpoints that store fused
 # projections (e.g. Phi-3) keep them as one LoRA module each, which is what vLLM expects there.

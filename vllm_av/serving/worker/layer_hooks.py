@@ -1,18 +1,13 @@
-"""Worker-side patches: load the library after LoRA wrapping, fill tables per step, blend per layer.
+"""Layer-side patches: blend every LoRA-wrapped linear layer that holds AV weights.
 
-Class-level wraps, each a no-op for runs without ``additional_config["av"]``:
+Class-level wraps, each a no-op for layers the AV loader did not touch:
 
-* ``LoRAModelRunnerMixin.load_lora_model`` -- after vLLM wraps the linear layers, load the
-  AVs into buffers of their own (before profiling, compilation and CUDA-graph capture).
-* ``LoRAModelRunnerMixin.set_active_loras`` -- the classic runner's per-step LoRA mapping
-  (``_prepare_inputs``); right after it, fill the AV tables for the same batch. When LoRA is
-  on only to carry the AVs (stock LoRA off), vLLM's own mapping is not built at all.
 * ``BaseLinearLayerWithLoRA._apply_lora_to_output`` -- after the stock LoRA add, run
   ``torch.ops.vllm_av.blend_`` on layers that hold AV weights. The op is launched on every
   forward, whatever the batch holds, so CUDA-graph capture never drops it. On CPU, where vLLM
   neither compiles nor captures a LoRA model, layers call their CPU blend directly (the C kernel
-  or the dense GEMMs of :mod:`vllm_av.cpu_blend`, weights laid out at load time) with the step's
-  tables (the custom-op dispatcher alone costs ~25 us a call) and skip steps without entries.
+  or the dense GEMMs of :mod:`vllm_av.serving.blend.cpu`, weights laid out at load time) with the
+  step's tables (the custom-op dispatcher alone costs ~25 us a call) and skip steps without entries.
 * ``VocabParallelEmbeddingWithLoRA.forward``, ``LogitsProcessorWithLoRA._get_logits`` -- with
   stock LoRA off, the embedding and the logits run as in vanilla vLLM (every wrapped layer
   skips its empty stock LoRA math, so an AV server costs nothing extra without mixes).
@@ -28,35 +23,7 @@ import functools
 
 import torch
 
-from vllm_av.config import av_config_from
-
-
-def _install_runner_hooks() -> None:
-    from vllm.v1.worker.lora_model_runner_mixin import LoRAModelRunnerMixin
-
-    from vllm_av.plugin import library_for, local_model_dir
-    from vllm_av.worker import install as install_av
-
-    original_load = LoRAModelRunnerMixin.load_lora_model
-    original_set = LoRAModelRunnerMixin.set_active_loras
-
-    def load_lora_model(self, model, vllm_config, device):
-        model = original_load(self, model, vllm_config, device)
-        config = av_config_from(vllm_config.additional_config)
-        if config is not None:
-            entries = library_for(config, local_model_dir(vllm_config.model_config.model))
-            self._vllm_av = install_av(self, model, vllm_config, entries, config)
-        return model
-
-    def set_active_loras(self, input_batch, num_scheduled_tokens, *args, **kwargs):
-        state = getattr(self, "_vllm_av", None)
-        if state is None or state.needs_lora_mapping:
-            original_set(self, input_batch, num_scheduled_tokens, *args, **kwargs)
-        if state is not None:
-            state.update(input_batch.req_ids, num_scheduled_tokens, self.requests)
-
-    LoRAModelRunnerMixin.load_lora_model = load_lora_model
-    LoRAModelRunnerMixin.set_active_loras = set_active_loras
+from vllm_av.serving import patch_points as points
 
 
 def _token_rows(t: torch.Tensor) -> torch.Tensor:
@@ -65,9 +32,7 @@ def _token_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _install_layer_hook() -> None:
-    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
-
-    original = BaseLinearLayerWithLoRA._apply_lora_to_output
+    original = points.APPLY_LORA_TO_OUTPUT.get()
 
     def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         if not getattr(self, "_av_skip_stock_lora", False):  # fixed per layer, like _av_tables
@@ -86,7 +51,7 @@ def _install_layer_hook() -> None:
             cpu_blend.from_tables(y, x2d, tables)
         return output
 
-    BaseLinearLayerWithLoRA._apply_lora_to_output = _apply_lora_to_output
+    points.APPLY_LORA_TO_OUTPUT.replace(_apply_lora_to_output)
 
 
 def _base_forward_then_blend(base_layer, tables, cpu_blend, x: torch.Tensor):
@@ -112,11 +77,8 @@ def use_base_forward(layer) -> None:
 
 def _install_stock_lora_skips() -> None:
     """Embedding and logits LoRA wrappers run their base layer alone when stock LoRA is off."""
-    from vllm.lora.layers.logits_processor import LogitsProcessorWithLoRA
-    from vllm.lora.layers.vocab_parallel_embedding import VocabParallelEmbeddingWithLoRA
-
-    original_embedding = VocabParallelEmbeddingWithLoRA.forward
-    original_logits = LogitsProcessorWithLoRA._get_logits
+    original_embedding = points.EMBEDDING_FORWARD.get()
+    original_logits = points.LOGITS_GET_LOGITS.get()
 
     def embedding_forward(self, x: torch.Tensor) -> torch.Tensor:
         if getattr(self, "_av_skip_stock_lora", False):
@@ -128,12 +90,11 @@ def _install_stock_lora_skips() -> None:
             return self.base_layer._get_logits(hidden_states, getattr(lm_head, "base_layer", lm_head), *args, **kwargs)
         return original_logits(self, hidden_states, lm_head, *args, **kwargs)
 
-    VocabParallelEmbeddingWithLoRA.forward = embedding_forward
-    LogitsProcessorWithLoRA._get_logits = _get_logits
+    points.EMBEDDING_FORWARD.replace(embedding_forward)
+    points.LOGITS_GET_LOGITS.replace(_get_logits)
 
 
 def install() -> None:
-    """Install the runner and layer hooks (called once per process by ``plugin.register``)."""
-    _install_runner_hooks()
+    """Install the layer hooks (called once per process by ``plugin.register``)."""
     _install_layer_hook()
     _install_stock_lora_skips()

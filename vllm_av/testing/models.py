@@ -151,37 +151,6 @@ def make_aligned_variant(
     return out
 
 
-
-def merged_model(base_dir: str | Path, library_dir: str | Path, mix: dict[str, float]):
-    """The correctness oracle: transformers model with weights ``W + sum_k s_k * scaling_k * B_k A_k``.
-
-    ``mix`` maps AV directory names under ``library_dir`` to scales; merging is in float64.
-    """
-    import torch
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-
-    from vllm_av.materialize import peft_scaling
-
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    weights = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, scale in mix.items():
-            adapter = Path(library_dir) / name
-            adapter_config = json.loads((adapter / "adapter_config.json").read_text())
-            tensors = load_file(str(adapter / "adapter_model.safetensors"))
-            for key, lora_a in tensors.items():
-                if not key.endswith(".lora_A.weight"):
-                    continue
-                module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-                lora_b = tensors[key.replace(".lora_A.", ".lora_B.")]
-                delta = lora_b.double() @ lora_a.double()
-                weight = weights[module + ".weight"]
-                factor = scale * peft_scaling(adapter_config, module)
-                weight.copy_((weight.double() + factor * delta).to(weight.dtype))
-    return model.eval()
-
-
 DEMO_AVS = {"alpha": 1, "beta": 2, "gamma": 3}  # AV name -> seed of its perturbation
 
 
@@ -194,7 +163,7 @@ def build_demo(
     Each AV is extracted (``vllm-av extract``) from the base and a perturbed "aligned" copy.
     Reuses what an earlier call left in ``root``.
     """
-    from vllm_av.extract import extract
+    from vllm_av.offline.extract import extract
 
     root = Path(root)
     base = root / "model"

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from .checkpoint import Checkpoint, Fingerprint
-from .errors import AVError
+from vllm_av.format.checkpoint import Checkpoint, Fingerprint
+from vllm_av.errors import AVError
 
 AV_FORMAT = "vllm-av/1"
 AV_JSON = "av.json"

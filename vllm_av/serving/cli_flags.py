@@ -1,0 +1,74 @@
+"""``--enable-av --av-path DIR`` and one ``--av-*`` flag per :class:`AVConfig` setting on vLLM's engine arguments.
+
+The flags become ``additional_config["av"]`` (the supported, hashed place for plugin settings),
+so ``vllm serve``, ``--config x.yaml`` and ``vllm-av serve`` all reach the same settings. A bad
+library stops a CLI start here, with one line, before any engine process starts.
+"""
+
+from __future__ import annotations
+
+import os
+
+from vllm_av.serving import patch_points as points
+from vllm_av.serving.config import CONFIG_KEY, CPU_BLENDS, AVConfig, AVConfigError
+from vllm_av.serving.library import AVLibraryError, library_for, local_model_dir
+
+
+def install() -> None:
+    """``--enable-av --av-path DIR`` and one ``--av-*`` flag per :class:`AVConfig` setting."""
+    original_add = points.ENGINE_ADD_CLI_ARGS.get().__func__  # a staticmethod
+    original_from = points.ENGINE_FROM_CLI_ARGS.get().__func__  # a classmethod
+
+    def add_cli_args(parser):
+        parser = original_add(parser)
+        defaults = AVConfig(path="-")
+        group = parser.add_argument_group("AlignmentVectors", "Per-request mixes of Alignment Vectors (vllm-av)")
+        group.add_argument("--enable-av", action="store_true", help="Serve the AV library given by --av-path.")
+        group.add_argument("--av-path", type=str, default=None, help="AV library: one AV adapter directory per AV.")
+        group.add_argument("--av-max-per-request", type=int, default=defaults.max_per_request,
+                           help="Most AVs one request may mix.")
+        group.add_argument("--av-max-abs-scale", type=float, default=defaults.max_abs_scale,
+                           help="Largest |scale| a request may give one AV.")
+        group.add_argument("--av-max-rank", type=int, default=defaults.max_rank,
+                           help="Largest AV rank the library may hold.")
+        group.add_argument("--av-max-name-length", type=int, default=defaults.max_name_length,
+                           help="Longest AV name accepted (in the library and in requests).")
+        group.add_argument("--av-lenient", action="store_true",
+                           help="Refuse a broken AV with a one-line warning and serve the rest "
+                                "(default: a broken AV stops the start).")
+        group.add_argument("--av-cpu-blend", choices=CPU_BLENDS, default=defaults.cpu_blend,
+                           help="CPU only: 'native' (a C kernel whose cost grows with the AVs a request uses), "
+                                "'dense' (GEMMs over the whole library), or 'auto' (native when a C compiler "
+                                "builds it, else dense).")
+        return parser
+
+    def from_cli_args(cls, args):
+        result = original_from(cls, args)
+        if getattr(args, "enable_av", False):
+            if not args.av_path:
+                raise SystemExit("vllm-av: error: --enable-av needs --av-path DIR")
+            settings = {
+                "path": os.path.abspath(args.av_path),
+                "max_per_request": args.av_max_per_request,
+                "max_abs_scale": args.av_max_abs_scale,
+                "max_rank": args.av_max_rank,
+                "max_name_length": args.av_max_name_length,
+                "lenient": args.av_lenient,
+                "cpu_blend": args.av_cpu_blend,
+            }
+            result.additional_config = {**(result.additional_config or {}), CONFIG_KEY: settings}
+            _validate_before_start(settings, getattr(args, "model", None))
+        elif getattr(args, "av_path", None):
+            raise SystemExit("vllm-av: error: --av-path needs --enable-av")
+        return result
+
+    points.ENGINE_ADD_CLI_ARGS.replace(staticmethod(add_cli_args))
+    points.ENGINE_FROM_CLI_ARGS.replace(classmethod(from_cli_args))
+
+
+def _validate_before_start(settings: dict, model: str | None) -> None:
+    """Fail a CLI start with one line naming the bad file, before any engine process starts."""
+    try:
+        library_for(AVConfig.from_dict(settings), local_model_dir(model or ""))
+    except (AVConfigError, AVLibraryError) as exc:
+        raise SystemExit(f"vllm-av: error: {exc}") from None

@@ -1,0 +1,126 @@
+"""Load the AV library into a LoRA-wrapped model: AV weights in buffers of their own per layer.
+
+After vLLM wraps the model's linear layers for LoRA, :func:`install` loads every AV of the
+library with vLLM's own LoRA loader (so q/k/v and gate/up packing, alpha/r folding and
+tensor-parallel slicing are vLLM's) into per-layer buffers: on CUDA ``_av_a [S, N, R, in]`` and
+``_av_b [N, OUT, R]`` for the blend op, on CPU the same weights laid out for the layer's CPU
+blend (``_av_cpu_blend``: the C kernel or the dense GEMMs, :mod:`vllm_av.serving.blend.cpu`).
+They are separate from vLLM's LoRA slots, which vLLM wipes after warm-up, and keep fixed
+addresses for CUDA graphs. Every wrapped layer reads the runner's :class:`AVTables`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+
+import vllm_av.serving.blend.op  # registers torch.ops.vllm_av.blend_
+from vllm_av.serving.blend.cpu import CPUBlend, NativeCPUBlend, choose_cpu_blend, cpu_gemm_backend
+from vllm_av.serving import patch_points as points
+from vllm_av.serving.config import AVConfig
+from vllm_av.serving.library import AVEntry
+from vllm_av.serving.worker.layer_hooks import use_base_forward
+from vllm_av.serving.worker.tables import AVTables, AVWorkerState
+
+logger = logging.getLogger("vllm.av")
+
+
+def attach_layer(layer, weights: list, tables: AVTables, ranks: list[int], cpu_kernel=None) -> None:
+    """Load ``weights`` (one vLLM ``LoRALayerWeights`` or None per AV) into ``layer``'s AV buffers.
+
+    Uses the layer's own ``set_lora`` on temporary stacks, so vLLM's slicing and packing apply.
+    ``ranks``: each AV's rank (buffers are padded to the largest); ``cpu_kernel``: the C blend
+    kernel for CPU layers (None: dense).
+    """
+    num_avs, rank = len(weights), max(ranks)
+    dtype, device = layer.lora_a_stacked[0].dtype, layer.lora_a_stacked[0].device
+    stacks_a = tuple(torch.zeros(num_avs, 1, rank, a.shape[3], dtype=dtype, device=device) for a in layer.lora_a_stacked)
+    stacks_b = tuple(torch.zeros(num_avs, 1, b.shape[2], rank, dtype=dtype, device=device) for b in layer.lora_b_stacked)
+    saved = layer.lora_a_stacked, layer.lora_b_stacked
+    layer.lora_a_stacked, layer.lora_b_stacked = stacks_a, stacks_b
+    try:
+        for k, w in enumerate(weights):
+            if w is not None:
+                layer.set_lora(k, w.lora_a, w.lora_b)
+    finally:
+        layer.lora_a_stacked, layer.lora_b_stacked = saved
+    lora_a = torch.stack([a[:, 0] for a in stacks_a]).contiguous()  # [S, N, R, in]
+    lora_b = torch.cat([b[:, 0] for b in stacks_b], dim=1)  # [N, OUT, R], what the CUDA kernel reads best
+    slices = [b.shape[2] for b in stacks_b]
+    if device.type != "cpu":
+        layer._av_a, layer._av_b, layer._av_slices = lora_a, lora_b, slices
+        layer._av_cpu_blend = None
+    elif tables.dense:
+        layer._av_cpu_blend = CPUBlend(lora_a, lora_b, slices)
+    else:
+        layer_ranks = [r if w is not None else 0 for r, w in zip(ranks, weights)]
+        layer._av_cpu_blend = NativeCPUBlend(cpu_kernel, lora_a, lora_b, slices, layer_ranks)
+    layer._av_tables = tables
+
+
+def load_lora_model(runner, entry: AVEntry, lora_id: int):
+    """Load one AV directory with vLLM's LoRA loader (packing and alpha/r folding included)."""
+    worker_manager = runner.lora_manager
+    manager = worker_manager._adapter_manager
+    expected: set[str] = set()
+    for module in manager.supported_lora_modules:
+        expected.update(manager.packed_modules_mapping.get(module, [module]))
+    peft_helper = points.PEFT_FROM_LOCAL_DIR.bound()(entry.path, worker_manager.max_position_embeddings)
+    mapper = getattr(manager.model, "hf_to_vllm_mapper", None)
+    lora = points.FROM_LOCAL_CHECKPOINT.bound()(
+        entry.path,
+        expected,
+        peft_helper=peft_helper,
+        lora_model_id=lora_id,
+        device="cpu",
+        dtype=worker_manager.lora_config.lora_dtype,
+        model_vocab_size=worker_manager.vocab_size,
+        weights_mapper=mapper.get_rename_mapper() if mapper is not None else None,
+    )
+    manager._create_merged_loras_inplace(lora)
+    return lora
+
+
+def install(runner, model, vllm_config, entries: Sequence[AVEntry], config: AVConfig) -> AVWorkerState:
+    """Load the library into ``model`` (LoRA-wrapped by ``runner``); return the runner's AV state."""
+    linear_lora = points.BASE_LINEAR_LORA.get()
+    manager = runner.lora_manager._adapter_manager
+    lora_models = [load_lora_model(runner, entry, lora_id=i + 1) for i, entry in enumerate(entries)]
+    ranks = [entry.rank for entry in entries]
+    rank = max(ranks)
+    device = next(iter(model.parameters())).device
+    max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
+    cpu_form, cpu_kernel = choose_cpu_blend(config.cpu_blend) if device.type == "cpu" else (None, None)
+    tables = AVTables(max_tokens, config.max_per_request, len(entries), device, dense=cpu_form == "dense")
+    layers, max_slices = 0, 0
+    for name, layer in manager.modules.items():
+        layer._av_skip_stock_lora = not config.stock_lora  # read by the layer hooks
+        if not isinstance(layer, linear_lora):
+            continue
+        weights = [manager._get_lora_layer_weights(lora_model, name) for lora_model in lora_models]
+        if any(w is not None for w in weights):
+            attach_layer(layer, weights, tables, ranks, cpu_kernel)
+            layers, max_slices = layers + 1, max(max_slices, len(layer.lora_b_stacked))
+        if device.type == "cpu" and not config.stock_lora and layer.tp_size == 1:
+            use_base_forward(layer)
+    if layers == 0:
+        raise ValueError("vllm-av: no AV in the library matches a LoRA-capable layer of this model")
+    if device.type == "cuda":
+        impl = vllm_av.serving.blend.op.cuda_impl_name()
+    else:
+        impl = "C kernel (CPU)" if cpu_form == "native" else f"dense, {cpu_gemm_backend()} GEMMs (CPU)"
+    if impl == "triton":  # the kernel's scratch, sized now: nothing may allocate in a graph capture
+        from vllm_av.kernels.blend import reserve_scratch
+
+        reserve_scratch(device, max_tokens, max_slices, len(entries))
+    logger.info(
+        "vllm-av: %d AVs (max rank %d) on %d layers; up to %d per request; blend implementation: %s",
+        len(entries), rank, layers, config.max_per_request, impl,
+    )
+    # Without stock LoRA, and when the hooks skip the LoRA math of every wrapped layer kind,
+    # nothing reads vLLM's per-step LoRA mapping: the runner hook stops building it.
+    skippable = (linear_lora, points.LOGITS_LORA.get(), points.EMBEDDING_LORA.get())
+    needs_mapping = config.stock_lora or not all(isinstance(m, skippable) for m in manager.modules.values())
+    return AVWorkerState(entries, config, tables, vllm_config.scheduler_config.max_num_seqs, needs_mapping)
