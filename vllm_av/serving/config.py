@@ -36,6 +36,9 @@ class AVConfig:
     cpu_blend: how CPU layers blend: ``native`` (the C kernel: cost grows with the AVs each
         request uses), ``dense`` (GEMMs over the whole library), or ``auto`` (native when the
         kernel builds here, else dense).
+    library_digest: set by the plugin at start (:func:`vllm_av.serving.library.library_digest`):
+        vLLM hashes ``additional_config`` into its compile-cache key, so with it the key covers
+        the library's contents, not only its path.
     """
 
     path: str
@@ -46,6 +49,7 @@ class AVConfig:
     lenient: bool = False
     stock_lora: bool = True
     cpu_blend: str = "auto"
+    library_digest: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path:

