@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from vllm_av.testing.models import build_demo
-from vllm_av.testing.oracle import merged_model
+from vllm_av.testing.oracle import oracle_greedy
 
 pytestmark = pytest.mark.vllm
 
@@ -80,22 +80,8 @@ def params(mix=None, max_tokens=MAX_TOKENS):
 
 def oracle(demo, mix, prompts, max_tokens=MAX_TOKENS):
     """Greedy tokens and their logprobs from the merged-weights transformers model."""
-    from transformers import AutoTokenizer
-
     model_dir, library = demo
-    model = merged_model(model_dir, library, mix)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    results = []
-    for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
-        with torch.no_grad():
-            out = model.generate(
-                ids, max_new_tokens=max_tokens, do_sample=False, output_scores=True, return_dict_in_generate=True
-            )
-        tokens = out.sequences[0, ids.shape[1]:].tolist()
-        logprobs = [torch.log_softmax(s[0].double(), -1)[t].item() for s, t in zip(out.scores, tokens)]
-        results.append((tokens, logprobs))
-    return results
+    return oracle_greedy(model_dir, library, mix, prompts, max_tokens)
 
 
 def tokens_and_logprobs(output):

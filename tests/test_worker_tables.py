@@ -156,3 +156,29 @@ def test_cpu_blends_read_the_filled_tables(dense):
     blend = CPUBlend(a, b, slices) if dense else NativeCPUBlend(load(), a, b, slices, [RANK] * len(NAMES))
     blend.from_tables(y, x, state.tables)
     assert torch.allclose(y.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_cuda_staging_buffers_are_not_rewritten_under_a_pending_copy():
+    """Async scheduling: the host fills step N+2 while step N's copy is still queued behind the GPU.
+
+    The stream is held by a long sleep kernel, three steps are written (the third reuses the first
+    step's staging buffer), and each step's device tables are snapshotted on the stream right after
+    its copy: every snapshot must hold its own step's rows.
+    """
+    device = torch.device("cuda")
+    tables = AVTables(16, 2, len(NAMES), device, dense=False)
+    pool_index = np.array([[-1, -1], [0, 1], [2, -1], [3, 0]], dtype=np.int32)
+    pool_scale = np.array([[0, 0], [0.5, -1], [2, 0], [1, 1]], dtype=np.float32)
+    steps = [np.array([1, 1, 2]), np.array([2, 3]), np.array([3, 3, 3, 1])]
+    torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time before any copy can run
+    snapshots = []
+    for rows in steps:
+        tables.write(pool_index, pool_scale, rows, len(rows))
+        snapshots.append((tables.index.clone(), tables.scale.clone()))
+    torch.cuda.synchronize()
+    for rows, (index, scale) in zip(steps, snapshots):
+        n = len(rows)
+        assert index[:n].cpu().numpy().tolist() == pool_index[rows].tolist()
+        assert scale[:n].cpu().numpy().tolist() == pool_scale[rows].tolist()
+        assert (index[n:].cpu() == -1).all()

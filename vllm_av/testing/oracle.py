@@ -34,3 +34,29 @@ def merged_model(base_dir: str | Path, library_dir: str | Path, mix: dict[str, f
                 factor = scale * peft_scaling(adapter_config, module)
                 weight.copy_((weight.double() + factor * delta).to(weight.dtype))
     return model.eval()
+
+
+def oracle_greedy(base_dir: str | Path, library_dir: str | Path, mix: dict[str, float], prompts: list[str],
+                  max_tokens: int, ignore_eos: bool = False) -> list[tuple[list[int], list[float]]]:
+    """Greedy tokens and their logprobs for each prompt from :func:`merged_model` (the served-output oracle).
+
+    ``ignore_eos``: generate ``max_tokens`` tokens whatever they are (vLLM's ``ignore_eos``).
+    """
+    import torch
+    from transformers import AutoTokenizer
+
+    model = merged_model(base_dir, library_dir, mix)
+    if ignore_eos:
+        model.generation_config.eos_token_id = None
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    results = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(
+                ids, max_new_tokens=max_tokens, do_sample=False, output_scores=True, return_dict_in_generate=True
+            )
+        tokens = out.sequences[0, ids.shape[1]:].tolist()
+        logprobs = [torch.log_softmax(s[0].double(), -1)[t].item() for s, t in zip(out.scores, tokens)]
+        results.append((tokens, logprobs))
+    return results

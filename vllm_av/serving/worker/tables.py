@@ -49,12 +49,16 @@ class AVTables:
         self.scale = torch.zeros(shape, dtype=torch.float32, device=device)
         if device.type == "cpu":
             self._host = [(self.index, self.scale)]  # written in place, no copy
+            self._copied = [None]
         else:
-            # Two pinned staging buffers, alternated, so an in-flight copy is never overwritten.
+            # Pinned staging buffers, alternated. Under async scheduling the host may prepare a
+            # step while earlier steps' copies are still queued: each buffer's last copy records
+            # an event, and the buffer is rewritten only once that copy has run.
             self._host = [
                 (torch.full(shape, -1, dtype=torch.int32).pin_memory(), torch.zeros(shape).pin_memory())
                 for _ in range(2)
             ]
+            self._copied = [torch.cuda.Event() for _ in self._host]
         self._turn = 0
 
     def _rows_to_write(self, has_entries: bool, num_tokens: int) -> int:
@@ -75,8 +79,12 @@ class AVTables:
         rows = self._rows_to_write(token_rows is not None, num_tokens)
         if rows == 0:
             return
-        host_index, host_scale = self._host[self._turn]
-        self._turn = (self._turn + 1) % len(self._host)
+        turn = self._turn
+        self._turn = (turn + 1) % len(self._host)
+        host_index, host_scale = self._host[turn]
+        copied = self._copied[turn]
+        if copied is not None:
+            copied.synchronize()  # the copy that last read this buffer has run (returns at once if never recorded)
         hi, hs = host_index.numpy(), host_scale.numpy()
         written = 0
         if token_rows is not None:  # gathered straight into the tables, no temporaries
@@ -90,6 +98,7 @@ class AVTables:
         if host_index is not self.index:
             self.index[:rows].copy_(host_index[:rows], non_blocking=True)
             self.scale[:rows].copy_(host_scale[:rows], non_blocking=True)
+            copied.record()
 
     def write_dense(self, pool_coef: torch.Tensor, token_rows: np.ndarray | None, num_tokens: int) -> None:
         """Dense form: row ``t`` = ``pool_coef[token_rows[t]]`` (None = no entries); clear the rest."""
