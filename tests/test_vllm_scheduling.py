@@ -16,8 +16,10 @@ from vllm_av.testing.oracle import oracle_greedy
 pytestmark = pytest.mark.vllm
 
 # A KV cache of 6 blocks of 32 tokens: four 60-token requests need 12, so the scheduler preempts.
+# At most 32 tokens per step: a longer prompt is prefilled in chunks over several steps.
 ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=128, max_num_seqs=8, gpu_memory_utilization=0.4,
-              block_size=32, num_gpu_blocks_override=6, enable_prefix_caching=False, disable_log_stats=False)
+              block_size=32, num_gpu_blocks_override=6, enable_prefix_caching=False, disable_log_stats=False,
+              max_num_batched_tokens=32)
 REQUESTS = [  # (prompt, mix)
     ("medical: the patient", "alpha:1"),
     ("legal: the court said that the contract", "beta:-0.5,gamma:1.5"),
@@ -83,6 +85,31 @@ def test_requests_joining_and_leaving_a_running_batch_keep_their_mix(llm, demo):
     for i, (prompt, mix) in enumerate(REQUESTS):
         (want, _), = oracle_greedy(*demo, as_dict(mix), [prompt], lengths[i], ignore_eos=True)
         assert finished[f"join-{i}"] == want, (prompt, mix)
+
+
+def test_a_prompt_prefilled_in_chunks_keeps_its_mix_beside_decoding_rows(llm, demo):
+    """A ~65-token prompt over several 32-token steps, while a short request decodes beside it."""
+    from transformers import AutoTokenizer
+
+    engine = llm.llm_engine
+    long_prompt = "legal: " + " ".join(["the court said that the contract"] * 7)
+    assert len(AutoTokenizer.from_pretrained(str(demo[0]))(long_prompt).input_ids) > 40
+    requests = {"chunked": (long_prompt, "beta:1.5,gamma:-0.5"), "beside": ("medical: the patient", "alpha:1")}
+    engine.add_request("beside", requests["beside"][0], greedy(12, requests["beside"][1]))
+    engine.add_request("chunked", requests["chunked"][0], greedy(8, requests["chunked"][1]))
+    finished, steps, first_token_step = {}, 0, None
+    while len(finished) < 2:
+        for output in engine.step():
+            if output.request_id == "chunked" and output.outputs[0].token_ids and first_token_step is None:
+                first_token_step = steps
+            if output.finished:
+                finished[output.request_id] = list(output.outputs[0].token_ids)
+        steps += 1
+        assert steps < 200
+    assert first_token_step >= 2, "the long prompt was meant to be prefilled over several steps"
+    for rid, (prompt, mix) in requests.items():
+        (want, _), = oracle_greedy(*demo, as_dict(mix), [prompt], len(finished[rid]), ignore_eos=True)
+        assert finished[rid] == want, rid
 
 
 def test_ngram_speculative_decoding_verifies_every_draft_row_under_its_mix():
