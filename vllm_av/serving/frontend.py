@@ -32,6 +32,9 @@ class AVMixRejected(points.VALIDATION_ERROR.get(), ValueError):
     """A request's AV mix was rejected: HTTP 400 on the server, a ``ValueError`` offline."""
 
 
+_NOT_LIMITS = ("path", "stock_lora", "cpu_blend", "library_digest")  # AVConfig fields that are not request limits
+
+
 @dataclass
 class ServedLibrary:
     config: AVConfig
@@ -46,7 +49,7 @@ class ServedLibrary:
         return {
             "object": "list",
             "data": [entry.summary() for entry in self.entries],
-            "limits": {k: v for k, v in self.config.to_dict().items() if k not in ("path", "stock_lora", "cpu_blend", "library_digest")},
+            "limits": {k: v for k, v in self.config.to_dict().items() if k not in _NOT_LIMITS},
             "lora_requests": self.config.stock_lora,
         }
 
