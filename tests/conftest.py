@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vllm_av.cli.main import main
-from vllm_av.testing.models import LINEAR_SUFFIXES, build_tiny_model, make_aligned_variant
+from vllm_av.testing.models import LINEAR_SUFFIXES, build_demo, build_tiny_model, make_aligned_variant
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -61,6 +61,13 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """``(model, library)``: the random tiny base model and its seeded AVs (alpha, beta, gamma),
+    built once per session for the vLLM tests that only read them."""
+    return build_demo(tmp_path_factory.mktemp("demo"))
 
 
 @pytest.fixture(scope="module")

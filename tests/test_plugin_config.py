@@ -24,7 +24,7 @@ def engine_config(demo_paths, **kwargs):
     return args.create_engine_config()
 
 
-def test_av_engine_config_enables_lora_and_leaves_the_runner_to_vllm(demo_paths, monkeypatch):
+def test_av_engine_config_enables_lora_and_leaves_the_runner_to_vllm(demo_paths):
     from vllm.engine.arg_utils import EngineArgs
 
     from vllm_av.serving import patch_points as points

@@ -12,9 +12,7 @@ wrong scale, sign or AV (those move logprobs by > 0.1).
 from __future__ import annotations
 
 import pytest
-import torch
 
-from vllm_av.testing.models import build_demo
 from vllm_av.testing.oracle import oracle_greedy
 
 pytestmark = pytest.mark.vllm
@@ -31,11 +29,6 @@ MIXES = [
     {"beta": 2.5},
     {"gamma": -1.0},
 ]
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return build_demo(tmp_path_factory.mktemp("demo"))
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_av.testing.models import build_demo
 from vllm_av.testing.oracle import oracle_greedy
 
 pytestmark = pytest.mark.vllm
@@ -30,11 +29,6 @@ REQUESTS = [  # (prompt, mix)
 
 def as_dict(mix: str | None) -> dict[str, float]:
     return {name: float(scale) for name, scale in (p.split(":") for p in mix.split(","))} if mix else {}
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return build_demo(tmp_path_factory.mktemp("demo"))
 
 
 @pytest.fixture(scope="module")
