@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.test_vllm_plugin import ENGINE, MIXES, demo  # noqa: F401 (demo: the module-scoped fixture)
+from tests.test_vllm_plugin import ENGINE, MIXES
 from vllm_av.testing.oracle import merged_model
 
 pytestmark = pytest.mark.vllm
