@@ -111,6 +111,25 @@ def test_chat_completion_with_mix(server, demo):
     assert chat("alpha:1") != chat(None)
 
 
+def test_json_object_mix_equals_string_mix(server):
+    from openai import OpenAI
+
+    url, model = server
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    as_string = complete(url, model, "medical: the patient", av="alpha:0.8,beta:-0.5").json()["choices"][0]["token_ids"]
+    as_object = complete(url, model, "medical: the patient", av={"alpha": 0.8, "beta": -0.5}).json()["choices"][0]["token_ids"]
+    assert as_object == as_string
+    assert as_object != complete(url, model, "medical: the patient").json()["choices"][0]["token_ids"]
+    messages = [{"role": "user", "content": "legal: the contract"}]
+
+    def chat(av):
+        reply = client.chat.completions.create(model=model, messages=messages, max_tokens=MAX_TOKENS, temperature=0,
+                                               extra_body={"vllm_xargs": {"av": av}})
+        return reply.choices[0].message.content
+
+    assert chat({"gamma": 1.5}) == chat("gamma:1.5")
+
+
 def test_regular_lora_beside_av(server):
     url, model = server
     prompt = "legal: the court said"
@@ -134,6 +153,8 @@ def test_regular_lora_beside_av(server):
         (":1", "non-empty"),
         (["alpha", 1], "must be [name, scale] pairs"),
         (7, "must be a string like"),
+        ({"nope": 1}, "unknown av 'nope'"),  # the JSON-object form, rewritten by serving/http_mix.py
+        ({"alpha": "x"}, "not a number"),
     ],
 )
 def test_bad_mix_is_http_400_and_server_keeps_serving(server, av, message):

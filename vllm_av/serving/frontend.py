@@ -10,7 +10,8 @@ never reused under another.
 Beam search builds its own sampling parameters without ``extra_args``, so a mix there would
 be silently dropped: such requests are refused with HTTP 400 instead.
 
-``GET /v1/av`` lists the served AVs, beside vLLM's ``GET /v1/models``.
+``GET /v1/av`` lists the served AVs, beside vLLM's ``GET /v1/models``, and a JSON object as
+``vllm_xargs.av`` is accepted over HTTP (``serving/http_mix.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 from vllm_av.serving import patch_points as points
 from vllm_av.serving.config import AVConfig, av_config_from
+from vllm_av.serving.http_mix import ObjectMixMiddleware
 from vllm_av.serving.library import library_for, local_model_dir
 from vllm_av.serving.mix import MixError, mix_to_str, parse_mix
 
@@ -120,7 +122,7 @@ def _install_beam_search_guard() -> None:
 
 
 def _install_listing_route() -> None:
-    """Add ``GET /v1/av`` wherever vLLM attaches its ``/v1/models`` router."""
+    """Add ``GET /v1/av`` and the object-mix middleware wherever vLLM attaches its ``/v1/models`` router."""
     from fastapi import APIRouter
     from fastapi.responses import JSONResponse
 
@@ -137,6 +139,7 @@ def _install_listing_route() -> None:
     def attach_router(app, *args, **kwargs):
         result = original_attach(app, *args, **kwargs)
         app.include_router(router)
+        app.add_middleware(ObjectMixMiddleware)
         return result
 
     points.ATTACH_ROUTER.replace(attach_router)
