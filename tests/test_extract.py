@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from vllm_av.format.avfile import check_compatibility, read_av, read_factors
 from vllm_av.offline.extract import extract
-from vllm_av.testing.models import build_tiny_model
+from vllm_av.testing.models import build_tiny_model, make_aligned_variant
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -157,6 +157,40 @@ def test_inspect_text_and_json(tiny_pair, rank4, cli):
     assert len(report["modules"]) == 14 and report["modules"]["model.layers.0.self_attn.q_proj"]["rank"] == 4
     assert set(report["base"]) >= {"arch_hash", "tensors_hash", "content_hash", "arch"}
     assert report["totals"]["dropped_share"] > 0
+
+
+def test_ranks_over_the_server_default_are_warned_at_extract_and_shown_by_inspect(tmp_path, cli):
+    root = tmp_path / "wide"
+    base = build_tiny_model(root / "base", hidden_size=160, intermediate_size=320, num_layers=1)
+    aligned = make_aligned_variant(base, root / "aligned", seed=3, rank=80)
+    code, out, err = cli("extract", "--base", base, "--aligned", aligned, "--out", tmp_path / "av", "--rank", "66")
+    assert code == 0 and "max rank 66" in out
+    assert "warning: 7 of 7 modules have rank > 64 (up to 66)" in err and "--av-max-rank 66" in err
+    code, out, _ = cli("inspect", tmp_path / "av")
+    assert "served: 7 of 7 modules have rank > 64" in out and "refuses this AV at start" in out
+    code, out, _ = cli("inspect", tmp_path / "av", "--av-max-rank", "66")
+    assert "served: fits --av-max-rank 66" in out
+    code, _, err = cli("extract", "--base", base, "--aligned", aligned, "--out", tmp_path / "av", "--rank", "64", "--force")
+    assert code == 0 and "warning" not in err
+
+
+def test_dropped_share_is_split_by_kind_and_tied_embeddings_are_named(tmp_path, cli):
+    from transformers import AutoModelForCausalLM
+
+    untied = build_tiny_model(tmp_path / "untied", hidden_size=64, intermediate_size=128, num_layers=1)
+    tied = tmp_path / "tied"
+    model = AutoModelForCausalLM.from_pretrained(str(untied))
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    model.save_pretrained(str(tied))
+    for f in untied.glob("tok*"):
+        (tied / f.name).write_bytes(f.read_bytes())
+    for base in (untied, tied):
+        aligned = make_aligned_variant(base, tmp_path / f"{base.name}-aligned", seed=1)
+        code, out, _ = cli("extract", "--base", base, "--aligned", aligned, "--out", tmp_path / f"{base.name}-av", "--rank", "4")
+        assert code == 0 and "dropped (cannot be served as LoRA): embeddings " in out and ", norms " in out
+        assert ("the embeddings are tied" in out) == (base is tied)
+        assert read_av(tmp_path / f"{base.name}-av").settings["tied_embeddings"] == (base is tied)
 
 
 def test_compatibility_verdicts(tiny_pair, rank4, tmp_path, helpers):

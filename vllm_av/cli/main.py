@@ -74,11 +74,16 @@ def extract_command(p: argparse.ArgumentParser) -> Runner:
             force=args.force,
             progress=not args.no_progress,
         )
+        from vllm_av.offline.report import dropped_summary, served_rank_note
+        from vllm_av.serving.config import DEFAULT_MAX_RANK
+
         t = meta.totals
         print(
             f"wrote AV {meta.name!r} to {args.out}: {len(meta.served_modules)} modules, max rank {meta.max_rank}, "
-            f"keeps {t.retained_share:.2%} of the delta energy ({t.dropped_share:.2%} outside LoRA modules)"
+            f"keeps {t.retained_share:.2%} of the delta energy; {dropped_summary(meta)}"
         )
+        if meta.max_rank > DEFAULT_MAX_RANK:
+            print(f"vllm-av: warning: {served_rank_note(meta)}", file=sys.stderr)
         return 0
 
     return run
@@ -89,6 +94,8 @@ def inspect_command(p: argparse.ArgumentParser) -> Runner:
     p.add_argument("av", metavar="DIR", help="AV directory made by `vllm-av extract`")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.add_argument("--model", metavar="MODEL_DIR", help="also check whether the AV can be applied to this model")
+    p.add_argument("--av-max-rank", type=int, default=None, metavar="N",
+                   help="show what a server with this --av-max-rank does with the AV (default: the server's default)")
 
     def run(args: argparse.Namespace) -> int:
         from vllm_av.format.avfile import check_compatibility, read_av
@@ -99,7 +106,7 @@ def inspect_command(p: argparse.ArgumentParser) -> Runner:
         if args.json:
             print(json.dumps(report_dict(meta, compat), indent=2))
         else:
-            print(format_report(meta, compat, args.model))
+            print(format_report(meta, compat, args.model, **({"max_rank": args.av_max_rank} if args.av_max_rank else {})))
         return 0
 
     return run

@@ -105,6 +105,7 @@ def extract(
             "energy": energy,
             "dtype": dtype,
             "device": device,
+            "tied_embeddings": _tied_embeddings(base_ck.config),
             "svd": {"exact_max_dim": svd.EXACT_MAX_DIM, "oversample": svd.OVERSAMPLE, "power_iters": svd.POWER_ITERS},
         },
         modules=stats,
@@ -113,6 +114,12 @@ def extract(
     )
     _write_atomically(out, meta, factors)
     return meta
+
+
+def _tied_embeddings(config: dict) -> bool:
+    """Whether the model ties ``lm_head`` to the input embeddings (then one tensor holds both deltas)."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
 
 
 def _compress_module(module: str, delta, rank, energy, dtype: str):

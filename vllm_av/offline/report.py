@@ -3,6 +3,41 @@
 from __future__ import annotations
 
 from vllm_av.format.avfile import AVMeta, Compatibility
+from vllm_av.serving.config import DEFAULT_MAX_RANK
+
+EMBEDDING_PARTS = ("embed_tokens", "lm_head", "wte", "wpe", "embed_in", "embed_out", "word_embeddings")
+
+
+def dropped_groups(meta: AVMeta) -> dict[str, float]:
+    """Shares of the delta energy dropped, by kind: ``embeddings``, ``norms``, ``other`` (non-zero only)."""
+    groups: dict[str, float] = {}
+    for name, share in meta.dropped.items():
+        parts = set(name.split("."))
+        kind = "embeddings" if parts & set(EMBEDDING_PARTS) else "norms" if "norm" in name else "other"
+        groups[kind] = groups.get(kind, 0.0) + share
+    return {k: v for k, v in sorted(groups.items(), key=lambda kv: -kv[1]) if v > 0}
+
+
+def dropped_summary(meta: AVMeta) -> str:
+    """One line: how much was dropped and what it was (says so when embeddings are tied to lm_head)."""
+    t = meta.totals
+    line = f"{t.dropped_share:.2%} dropped (cannot be served as LoRA)"
+    groups = dropped_groups(meta)
+    if groups:
+        line += ": " + ", ".join(f"{kind} {share:.2%}" for kind, share in groups.items())
+        if meta.settings.get("tied_embeddings") and "embeddings" in groups:
+            line += " (the embeddings are tied: that one delta is the input embedding's and lm_head's)"
+    return line
+
+
+def served_rank_note(meta: AVMeta, max_rank: int = DEFAULT_MAX_RANK) -> str:
+    """What a server with ``--av-max-rank max_rank`` does with this AV (it refuses ranks above the limit)."""
+    over = [st.rank for st in meta.served_modules.values() if st.rank > max_rank]
+    if not over:
+        return f"fits --av-max-rank {max_rank} (max rank {meta.max_rank})"
+    return (f"{len(over)} of {len(meta.served_modules)} modules have rank > {max_rank} (up to {max(over)}): a server "
+            f"with --av-max-rank {max_rank} refuses this AV at start; serve with --av-max-rank {max(over)} "
+            f"or extract with --rank {max_rank}")
 
 
 def report_dict(meta: AVMeta, compat: Compatibility | None = None) -> dict:
@@ -13,7 +48,8 @@ def report_dict(meta: AVMeta, compat: Compatibility | None = None) -> dict:
     return d
 
 
-def format_report(meta: AVMeta, compat: Compatibility | None = None, model_dir: str | None = None) -> str:
+def format_report(meta: AVMeta, compat: Compatibility | None = None, model_dir: str | None = None,
+                  max_rank: int = DEFAULT_MAX_RANK) -> str:
     """Human-readable report: header, fingerprints, per-module table, totals and dropped deltas."""
     s = meta.settings
     mode = f"rank {s['rank']}" if s.get("rank") is not None else f"energy {s['energy']}"
@@ -45,10 +81,10 @@ def format_report(meta: AVMeta, compat: Compatibility | None = None, model_dir: 
         "",
         f"  {len(meta.modules)} LoRA modules ({zero} with zero delta, left out of the adapter), "
         f"max rank {meta.max_rank}, {params:,} factor parameters",
-        f"  delta energy {t.delta_energy:.4g}: {t.lora_share:.2%} in LoRA modules, "
-        f"{t.dropped_share:.2%} dropped (cannot be served as LoRA)",
+        f"  delta energy {t.delta_energy:.4g}: {t.lora_share:.2%} in LoRA modules, {dropped_summary(meta)}",
         f"  the adapter keeps {t.retained_share:.2%} of the delta energy; "
         f"rel. Frobenius error over LoRA modules {t.rel_error:.2e}",
+        f"  served: {served_rank_note(meta, max_rank)}",
     ]
     if meta.dropped:
         lines.append("  dropped deltas (share of delta energy):")

@@ -13,6 +13,7 @@ from typing import Any
 
 CONFIG_KEY = "av"
 CPU_BLENDS = ("auto", "native", "dense")
+DEFAULT_MAX_RANK = 64  # --av-max-rank; `vllm-av extract` and `inspect` warn about AVs above it
 
 
 class AVConfigError(ValueError):
@@ -44,7 +45,7 @@ class AVConfig:
     path: str
     max_per_request: int = 8
     max_abs_scale: float = 4.0
-    max_rank: int = 64
+    max_rank: int = DEFAULT_MAX_RANK
     max_name_length: int = 64
     lenient: bool = False
     stock_lora: bool = True
