@@ -33,8 +33,9 @@ DONE_MARKER = "vllm_av_build.json"  # written last: a directory without it is in
 
 
 def cache_root(cache: str | Path | None = None) -> Path:
-    """``cache``, else ``$VLLM_AV_CACHE``, else ``~/.cache/vllm-av``."""
-    return Path(cache or os.environ.get("VLLM_AV_CACHE") or Path.home() / ".cache" / "vllm-av")
+    """``cache``, else ``$VLLM_AV_CACHE``, else ``$XDG_CACHE_HOME/vllm-av`` (``~/.cache/vllm-av``)."""
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache or os.environ.get("VLLM_AV_CACHE") or Path(xdg) / "vllm-av")
 
 
 def find_gguf(cache: str | Path | None = None, download: bool = True) -> Path:
