@@ -28,8 +28,13 @@ NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # names a server accepts for an 
 
 
 def lora_module(name: str, shape: tuple[int, ...]) -> str | None:
-    """The module name if tensor ``name`` is the 2-D weight of a LoRA target module, else None."""
+    """The module name if tensor ``name`` is the 2-D weight of a LoRA target module, else None.
+
+    MoE expert projections (``...experts.<i>.<proj>``) are not targets: vLLM serves the experts as
+    one fused MoE layer, which cannot carry AVs, so their deltas are reported as dropped."""
     parts = name.split(".")
+    if "experts" in parts:
+        return None
     if len(shape) == 2 and len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in TARGET_SUFFIXES:
         return name[: -len(".weight")]
     return None

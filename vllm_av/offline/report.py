@@ -9,11 +9,13 @@ EMBEDDING_PARTS = ("embed_tokens", "lm_head", "wte", "wpe", "embed_in", "embed_o
 
 
 def dropped_groups(meta: AVMeta) -> dict[str, float]:
-    """Shares of the delta energy dropped, by kind: ``embeddings``, ``norms``, ``other`` (non-zero only)."""
+    """Shares of the delta energy dropped, by kind: ``embeddings``, ``experts`` (MoE), ``norms``,
+    ``biases``, ``other`` (non-zero only)."""
     groups: dict[str, float] = {}
     for name, share in meta.dropped.items():
         parts = set(name.split("."))
-        kind = "embeddings" if parts & set(EMBEDDING_PARTS) else "norms" if "norm" in name else "other"
+        kind = ("embeddings" if parts & set(EMBEDDING_PARTS) else "experts" if "experts" in parts
+                else "norms" if "norm" in name else "biases" if name.endswith(".bias") else "other")
         groups[kind] = groups.get(kind, 0.0) + share
     return {k: v for k, v in sorted(groups.items(), key=lambda kv: -kv[1]) if v > 0}
 

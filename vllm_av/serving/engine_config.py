@@ -18,6 +18,7 @@ logger = logging.getLogger("vllm.av")
 
 # Speculators that need no draft model (a draft model would be LoRA-wrapped without the AV tables).
 SPECULATORS_WITH_AV = ("ngram",)
+MOE_EXPERT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")  # transformers' names for the expert count
 
 
 def _refuse_unsupported(engine_args) -> None:
@@ -33,6 +34,21 @@ def _refuse_unsupported(engine_args) -> None:
         if method not in SPECULATORS_WITH_AV:
             raise ValueError(f"vllm-av: speculative decoding with AV supports method "
                              f"{' or '.join(map(repr, SPECULATORS_WITH_AV))} only; got {method!r}")
+
+
+def _refuse_moe_on_cpu(vllm_config) -> None:
+    """vLLM runs MoE layers through its Triton/CUDA MoE-LoRA kernels whenever LoRA is on (and AVs
+    need LoRA on), even where no expert carries a LoRA; vLLM-CPU has neither kernel."""
+    text_config = vllm_config.model_config.hf_config.get_text_config()
+    experts = max(getattr(text_config, field, 0) or 0 for field in MOE_EXPERT_FIELDS)
+    if experts and vllm_config.device_config.device_type == "cpu":
+        raise ValueError(f"vllm-av: {type(text_config).__name__} is a mixture-of-experts model ({experts} experts): "
+                         "vLLM-CPU cannot serve MoE models with LoRA on, and AVs ride on LoRA; serve it on a GPU")
+
+
+def target_modules(entries) -> list[str]:
+    """The module-name suffixes (``q_proj``, ``gate_up_proj``, ...) the library's AVs use, sorted."""
+    return sorted({module.rsplit(".", 1)[-1] for entry in entries for module in entry.modules})
 
 
 def install() -> None:
@@ -52,9 +68,14 @@ def install() -> None:
             self.max_lora_rank = 8
             config = dataclasses.replace(config, stock_lora=False)
         entries = library_for(config, local_model_dir(self.model))
+        if not config.stock_lora and self.lora_target_modules is None:
+            # wrap only the layers the library touches: MoE experts, lm_head and the embeddings
+            # stay vLLM's own (vLLM's MoE LoRA path has no CPU kernel), and untouched layers cost nothing
+            self.lora_target_modules = target_modules(entries)
         config = dataclasses.replace(config, library_digest=library_digest(entries))
         self.additional_config = {**self.additional_config, CONFIG_KEY: config.to_dict()}
         vllm_config = original_create(self, *args, **kwargs)
+        _refuse_moe_on_cpu(vllm_config)
         for entry in entries:
             logger.info("vllm-av: AV %-24s rank %-3d %3d modules  compatibility: %s",
                         entry.name, entry.rank, len(entry.modules), entry.compatibility)

@@ -114,6 +114,9 @@ def _check_tensors(
         a, b = shapes.get((module, "A")), shapes.get((module, "B"))
         if a is None or b is None:
             raise _fail(weights, f"tensor {key}{'B' if a else 'A'}.weight is missing (lora_A and lora_B come in pairs)")
+        if "experts" in module.split("."):
+            raise _fail(weights, f"tensor {key}A.weight: {module} is an MoE expert; vLLM serves the experts as one "
+                                 f"fused MoE layer, which cannot carry AVs (vllm-av extract leaves expert deltas out)")
         rank = a[0]
         if b[1] != rank:
             raise _fail(weights, f"tensor {key}B.weight has rank {b[1]} but lora_A has rank {rank}")

@@ -94,10 +94,14 @@ ENGINE_CREATE_CONFIG = _p(_ARGS, "EngineArgs.create_engine_config", "patch", ["s
 ENGINE_FIELDS = tuple(
     _p(_ARGS, f"EngineArgs.{field}", "read")
     for field in ("additional_config", "enable_lora", "max_loras", "max_lora_rank", "fully_sharded_loras",
-                  "speculative_config", "model")
+                  "lora_target_modules", "speculative_config", "model")
 )
 # the runner choice, read by the tests (vllm-av leaves it to vLLM)
 USE_V2_MODEL_RUNNER_PROPERTY = _p("vllm.config.vllm", "VllmConfig.use_v2_model_runner", "read", series=("0.32", "0.33"))
+# MoE models are refused on CPU (serving/engine_config.py)
+MODEL_HF_CONFIG = tuple(_p(module, f"{owner}.{field}", "read") for module, owner, field in (
+    ("vllm.config.vllm", "VllmConfig", "model_config"), ("vllm.config.model", "ModelConfig", "hf_config"),
+    ("vllm.config.vllm", "VllmConfig", "device_config"), ("vllm.config.device", "DeviceConfig", "device_type")))
 ENGINE_CORE_SLEEP = _p("vllm.v1.engine.core", "EngineCore.sleep", "patch", ["self", "level"])
 ENGINE_CORE_CONFIG = _p("vllm.v1.engine.core", "EngineCore.vllm_config", "read")
 
@@ -185,7 +189,8 @@ CONFIGURE_LOGGING = _p("vllm.logger", "configure_logging_from_args", "call", ["a
 ARG_PARSER = _p("vllm.utils.argparse_utils", "FlexibleArgumentParser", "call")
 
 ALL = (
-    ENGINE_ADD_CLI_ARGS, ENGINE_FROM_CLI_ARGS, ENGINE_CREATE_CONFIG, *ENGINE_FIELDS, USE_V2_MODEL_RUNNER_PROPERTY, ENGINE_CORE_SLEEP, ENGINE_CORE_CONFIG,
+    ENGINE_ADD_CLI_ARGS, ENGINE_FROM_CLI_ARGS, ENGINE_CREATE_CONFIG, *ENGINE_FIELDS, USE_V2_MODEL_RUNNER_PROPERTY,
+    *MODEL_HF_CONFIG, ENGINE_CORE_SLEEP, ENGINE_CORE_CONFIG,
     VALIDATION_ERROR, INPUT_PROCESSOR_INIT, PROCESS_INPUTS, COMPLETION_BEAM_SEARCH, CHAT_BEAM_SEARCH, ATTACH_ROUTER,
     LOAD_LORA_MODEL, SET_LORA_MAPPING, LORA_MANAGER, SET_ACTIVE_LORAS, V1_REQUESTS,
     MRV2_ADD_REQUESTS, MRV2_REMOVE_REQUEST, MRV2_FINISH_REQUESTS, MRV2_PREPARE_INPUTS, *MRV2_INPUT_BATCH_FIELDS,

@@ -121,7 +121,8 @@ def make_aligned_variant(
     strength: float = 0.5,
     extra_dense: float = 0.01,
 ) -> Path:
-    """Save ``base + delta`` to ``out_dir``: a seeded rank-``rank`` delta on every linear layer.
+    """Save ``base + delta`` to ``out_dir``: a seeded rank-``rank`` delta on every linear layer
+    (LoRA targets, fused ones included, and MoE experts).
 
     ``strength`` is the delta's Frobenius norm relative to the weight's. ``extra_dense`` adds a
     small dense delta to the first input norm and the embedding (deltas LoRA cannot carry).
@@ -130,6 +131,8 @@ def make_aligned_variant(
 
     import torch
     from safetensors.torch import load_file, save_file
+
+    from vllm_av.offline.extract import lora_module
 
     base, out = Path(base_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -140,7 +143,7 @@ def make_aligned_variant(
     for shard in sorted(base.glob("*.safetensors")):
         tensors = load_file(str(shard))
         for name, w in tensors.items():
-            if name.endswith(".weight") and name.split(".")[-2] in LINEAR_SUFFIXES:
+            if lora_module(name, tuple(w.shape)) or _expert_weight(name, w):
                 u = torch.randn(w.shape[0], rank, generator=gen)
                 v = torch.randn(rank, w.shape[1], generator=gen)
                 delta = u @ v
@@ -149,6 +152,10 @@ def make_aligned_variant(
                 tensors[name] = w + extra_dense * torch.randn(w.shape, generator=gen)
         save_file(tensors, str(out / shard.name), metadata={"format": "pt"})
     return out
+
+
+def _expert_weight(name: str, w) -> bool:
+    return w.dim() == 2 and ".experts." in name and name.endswith("_proj.weight")
 
 
 DEMO_AVS = {"alpha": 1, "beta": 2, "gamma": 3}  # AV name -> seed of its perturbation

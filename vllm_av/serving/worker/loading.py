@@ -83,6 +83,15 @@ def load_lora_model(runner, entry: AVEntry, lora_id: int):
     return lora
 
 
+def _refuse_unplaced(entries: Sequence[AVEntry], lora_models: list, attached: set[str]) -> None:
+    """Raise if a module of an AV found no linear LoRA layer to carry it (it would be silently dropped)."""
+    for entry, lora_model in zip(entries, lora_models):
+        unplaced = sorted(set(lora_model.loras) - attached)
+        if unplaced:
+            raise ValueError(f"vllm-av: AV {entry.name!r} ({entry.path}): module {unplaced[0]} (and {len(unplaced) - 1} "
+                             f"more) is not a linear layer vLLM can put LoRA on in this model; extract without it")
+
+
 def install(runner, model, vllm_config, entries: Sequence[AVEntry], config: AVConfig) -> AVWorkerState:
     """Load the library into ``model`` (LoRA-wrapped by ``runner``); return the runner's AV state."""
     linear_lora = points.BASE_LINEAR_LORA.get()
@@ -94,7 +103,7 @@ def install(runner, model, vllm_config, entries: Sequence[AVEntry], config: AVCo
     max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
     cpu_form, cpu_kernel = choose_cpu_blend(config.cpu_blend) if device.type == "cpu" else (None, None)
     tables = AVTables(max_tokens, config.max_per_request, len(entries), device, dense=cpu_form == "dense")
-    layers, max_slices = 0, 0
+    layers, max_slices, attached = 0, 0, set()
     for name, layer in manager.modules.items():
         layer._av_skip_stock_lora = not config.stock_lora  # read by the layer hooks
         if not isinstance(layer, linear_lora):
@@ -103,8 +112,10 @@ def install(runner, model, vllm_config, entries: Sequence[AVEntry], config: AVCo
         if any(w is not None for w in weights):
             attach_layer(layer, weights, tables, ranks, cpu_kernel)
             layers, max_slices = layers + 1, max(max_slices, len(layer.lora_b_stacked))
+            attached.add(name)
         if device.type == "cpu" and not config.stock_lora and layer.tp_size == 1:
             use_base_forward(layer)
+    _refuse_unplaced(entries, lora_models, attached)
     if layers == 0:
         raise ValueError("vllm-av: no AV in the library matches a LoRA-capable layer of this model")
     if device.type == "cuda":
