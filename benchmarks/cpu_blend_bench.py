@@ -30,9 +30,14 @@ from vllm_av.serving.blend.cpu import CPUBlend, NativeCPUBlend
 from vllm_av.kernels.cpu import load
 from vllm_av.serving.blend.op import mix_coefficients
 
-LINEARS = [(128, [128, 64, 64]), (128, [128]), (128, [256, 256]), (256, [128])]
-LIBRARIES = [(8, 4), (64, 16)]  # (AVs, rank)
-MIX_SIZE, TABLE_WIDTH = 4, 8  # AVs per row, entries per table row (the default av.max_per_request)
+# (in, out slices) of one decoder layer's four linears; libraries as (AVs, rank); AVs per row
+SHAPES = {
+    "tiny": ([(128, [128, 64, 64]), (128, [128]), (128, [256, 256]), (256, [128])], [(8, 4), (64, 16)], 4),
+    # SmolLM2-135M-Instruct with the two rank-16 style AVs of `vllm-av demo --real`, both in every mix
+    "smollm2": ([(576, [576, 192, 192]), (576, [576]), (576, [1536, 1536]), (1536, [576])], [(2, 16)], 2),
+}
+LINEARS, LIBRARIES, MIX_SIZE = SHAPES["tiny"]
+TABLE_WIDTH = 8  # entries per table row (the default av.max_per_request)
 
 
 def median_us(calls, repeats: int) -> float:
@@ -85,13 +90,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=300)
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="activations and base weights")
+    parser.add_argument("--shapes", choices=list(SHAPES), default="tiny", help="whose layer shapes and library")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 1024])
     args = parser.parse_args()
+    global LINEARS, LIBRARIES, MIX_SIZE
+    LINEARS, LIBRARIES, MIX_SIZE = SHAPES[args.shapes]
     dtype = getattr(torch, args.dtype)
     if load() is None:
         raise SystemExit("the C blend kernel did not build here (see the warning above)")
     rows = [
-        measure(tokens, threads, num_avs, rank, max(5, args.repeats * 64 // max(64, tokens) // (num_avs // 8)), dtype)
-        for num_avs, rank in LIBRARIES for threads in (1, 2) for tokens in (1, 64, 1024)
+        measure(tokens, threads, num_avs, rank, max(5, args.repeats * 64 // max(64, tokens) // max(1, num_avs // 8)), dtype)
+        for num_avs, rank in LIBRARIES for threads in (1, 2) for tokens in args.tokens
     ]
     print(f"per decoder layer, {args.dtype}, us (median); blend_native splits calls of 32+ rows over the threads")
     print(f"{'AVs':>4} {'rank':>4} {'threads':>7} {'tokens':>6} {'base GEMMs':>10} {'aten':>9} {'oneDNN':>9} {'native':>9}")
@@ -100,7 +109,7 @@ def main() -> None:
               f"{r['blend_aten']:>9.1f} {r['blend_onednn']:>9.1f} {r['blend_native']:>9.1f}")
     if args.json:
         meta = {"cpu": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M"),
-                "command": f"python benchmarks/cpu_blend_bench.py --dtype {args.dtype}", "mix_size": MIX_SIZE, "table_width": TABLE_WIDTH}
+                "command": f"python benchmarks/cpu_blend_bench.py --dtype {args.dtype} --shapes {args.shapes}", "mix_size": MIX_SIZE, "table_width": TABLE_WIDTH}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": rows}, f, indent=2)
 
