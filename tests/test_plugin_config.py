@@ -37,6 +37,28 @@ def test_av_engine_config_enables_lora_and_leaves_the_runner_to_vllm(demo_paths)
         assert config.use_v2_model_runner == plain.create_engine_config().use_v2_model_runner
 
 
+def test_lora_wraps_only_the_library_modules_unless_the_user_enabled_lora(demo_paths):
+    """With LoRA on only for the AVs, vLLM wraps the module kinds the library uses (not lm_head, the
+    embeddings or MoE experts); with the user's own --enable-lora, vLLM's choice is left alone."""
+    assert engine_config(demo_paths).lora_config.target_modules == [
+        "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert engine_config(demo_paths, enable_lora=True, max_lora_rank=8).lora_config.target_modules is None
+
+
+def test_an_av_module_no_lora_layer_carries_is_refused():
+    from types import SimpleNamespace
+
+    from vllm_av.serving.library import AVEntry
+    from vllm_av.serving.worker.loading import _refuse_unplaced
+
+    entry = AVEntry("alpha", "/avs/alpha", 4, ("model.layers.0.self_attn.q_proj",))
+    carried = SimpleNamespace(loras={"model.layers.0.self_attn.qkv_proj": object()})
+    _refuse_unplaced([entry], [carried], {"model.layers.0.self_attn.qkv_proj"})
+    stray = SimpleNamespace(loras={"model.layers.0.self_attn.qkv_proj": object(), "model.layers.0.mlp.experts": object()})
+    with pytest.raises(ValueError, match=r"AV 'alpha' \(/avs/alpha\): module model.layers.0.mlp.experts is not a linear layer"):
+        _refuse_unplaced([entry], [stray], {"model.layers.0.self_attn.qkv_proj"})
+
+
 def test_the_compile_cache_key_covers_the_library_contents(demo_paths, tmp_path):
     """vLLM hashes additional_config into its compile-cache key; the plugin puts the library's digest there,
     so new weights under the same library path never reuse a graph compiled for the old ones."""

@@ -88,8 +88,9 @@ def _refuse_unplaced(entries: Sequence[AVEntry], lora_models: list, attached: se
     for entry, lora_model in zip(entries, lora_models):
         unplaced = sorted(set(lora_model.loras) - attached)
         if unplaced:
-            raise ValueError(f"vllm-av: AV {entry.name!r} ({entry.path}): module {unplaced[0]} (and {len(unplaced) - 1} "
-                             f"more) is not a linear layer vLLM can put LoRA on in this model; extract without it")
+            more = f" (and {len(unplaced) - 1} more)" if len(unplaced) > 1 else ""
+            raise ValueError(f"vllm-av: AV {entry.name!r} ({entry.path}): module {unplaced[0]}{more} is not a linear "
+                             f"layer vLLM can put LoRA on in this model; extract without it")
 
 
 def install(runner, model, vllm_config, entries: Sequence[AVEntry], config: AVConfig) -> AVWorkerState:
