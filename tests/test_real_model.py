@@ -125,3 +125,16 @@ def test_bad_mix_on_the_real_model_is_a_400(server):
             "vllm_xargs": {"av": {"pirate": 1, "parrot": 1}}}
     reply = requests.post(f"{url}/v1/chat/completions", json=body, timeout=60)
     assert reply.status_code == 400 and "parrot" in reply.json()["error"]["message"]
+
+
+def test_real_extract_benchmark_quick(real, tmp_path):
+    """``benchmarks/real_extract.py --quick`` runs and reports what it measured: more rank keeps more."""
+    import subprocess
+
+    out = tmp_path / "real_extract.json"
+    script = Path(__file__).parents[1] / "benchmarks" / "real_extract.py"
+    subprocess.run([sys.executable, str(script), "--quick", "--json", str(out)], check=True, timeout=900)
+    rows = json.loads(out.read_text())["results"]
+    assert [r["rank"] for r in rows] == [8, 16]
+    assert 0 < rows[0]["retained_share"] < rows[1]["retained_share"] < rows[1]["lora_share"]
+    assert all(r["modules"] == 210 and "embeddings" in r["dropped_by_kind"] for r in rows)
