@@ -23,6 +23,8 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
+# transformers' config.json names for a mixture-of-experts model's expert count.
+MOE_EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
 # config.json fields that fix the tensor shapes and module structure of a model.
 ARCH_FIELDS = (
     "architectures",
@@ -35,12 +37,18 @@ ARCH_FIELDS = (
     "num_key_value_heads",
     "head_dim",
     "vocab_size",
-    "num_local_experts",
-    "num_experts",
+    *MOE_EXPERT_COUNT_FIELDS,
     "tie_word_embeddings",
 )
 SAMPLE_WINDOW = 1024  # bytes hashed at the start, middle and end of every tensor
 _MAX_HEADER = 100 * 2**20
+
+
+def is_moe_expert(name: str) -> bool:
+    """True for a tensor or module name inside an MoE expert list (``...mlp.experts.<i>.<proj>``).
+
+    vLLM serves the experts as one fused MoE layer, which cannot carry AVs."""
+    return "experts" in name.split(".")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from vllm_av import __version__
 from vllm_av.format.avfile import AV_JSON, AVMeta, ModuleStats, Totals, write_av
-from vllm_av.format.checkpoint import Checkpoint, arch_fields
+from vllm_av.format.checkpoint import Checkpoint, arch_fields, is_moe_expert
 from vllm_av.errors import AVError
 from vllm_av.offline import svd
 
@@ -32,9 +32,9 @@ def lora_module(name: str, shape: tuple[int, ...]) -> str | None:
 
     MoE expert projections (``...experts.<i>.<proj>``) are not targets: vLLM serves the experts as
     one fused MoE layer, which cannot carry AVs, so their deltas are reported as dropped."""
-    parts = name.split(".")
-    if "experts" in parts:
+    if is_moe_expert(name):
         return None
+    parts = name.split(".")
     if len(shape) == 2 and len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in TARGET_SUFFIXES:
         return name[: -len(".weight")]
     return None
@@ -58,7 +58,6 @@ def extract(
 
     Raises AVError (one line, naming the file or tensor) for unusable inputs or options.
     """
-    import torch
     from tqdm import tqdm
 
     out = Path(out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from vllm_av.format.avfile import AVMeta, Compatibility
+from vllm_av.format.checkpoint import is_moe_expert
 from vllm_av.serving.config import DEFAULT_MAX_RANK
 
 EMBEDDING_PARTS = ("embed_tokens", "lm_head", "wte", "wpe", "embed_in", "embed_out", "word_embeddings")
@@ -14,7 +15,7 @@ def dropped_groups(meta: AVMeta) -> dict[str, float]:
     groups: dict[str, float] = {}
     for name, share in meta.dropped.items():
         parts = set(name.split("."))
-        kind = ("embeddings" if parts & set(EMBEDDING_PARTS) else "experts" if "experts" in parts
+        kind = ("embeddings" if parts & set(EMBEDDING_PARTS) else "experts" if is_moe_expert(name)
                 else "norms" if "norm" in name else "biases" if name.endswith(".bias") else "other")
         groups[kind] = groups.get(kind, 0.0) + share
     return {k: v for k, v in sorted(groups.items(), key=lambda kv: -kv[1]) if v > 0}

@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import os
 
+from vllm_av.format.checkpoint import MOE_EXPERT_COUNT_FIELDS
 from vllm_av.serving import patch_points as points
 from vllm_av.serving.config import CONFIG_KEY, av_config_from
 from vllm_av.serving.library import library_digest, library_for, local_model_dir
@@ -18,7 +19,6 @@ logger = logging.getLogger("vllm.av")
 
 # Speculators that need no draft model (a draft model would be LoRA-wrapped without the AV tables).
 SPECULATORS_WITH_AV = ("ngram",)
-MOE_EXPERT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")  # transformers' names for the expert count
 
 
 def _refuse_unsupported(engine_args) -> None:
@@ -40,7 +40,7 @@ def _refuse_moe_on_cpu(vllm_config) -> None:
     """vLLM runs MoE layers through its Triton/CUDA MoE-LoRA kernels whenever LoRA is on (and AVs
     need LoRA on), even where no expert carries a LoRA; vLLM-CPU has neither kernel."""
     text_config = vllm_config.model_config.hf_config.get_text_config()
-    experts = max(getattr(text_config, field, 0) or 0 for field in MOE_EXPERT_FIELDS)
+    experts = max(getattr(text_config, field, 0) or 0 for field in MOE_EXPERT_COUNT_FIELDS)
     if experts and vllm_config.device_config.device_type == "cpu":
         raise ValueError(f"vllm-av: {type(text_config).__name__} is a mixture-of-experts model ({experts} experts): "
                          "vLLM-CPU cannot serve MoE models with LoRA on, and AVs ride on LoRA; serve it on a GPU")

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vllm_av.format.checkpoint import is_moe_expert
 from vllm_av.serving.config import AVConfig
 from vllm_av.serving.mix import NAME_RE
 
@@ -114,7 +115,7 @@ def _check_tensors(
         a, b = shapes.get((module, "A")), shapes.get((module, "B"))
         if a is None or b is None:
             raise _fail(weights, f"tensor {key}{'B' if a else 'A'}.weight is missing (lora_A and lora_B come in pairs)")
-        if "experts" in module.split("."):
+        if is_moe_expert(module):
             raise _fail(weights, f"tensor {key}A.weight: {module} is an MoE expert; vLLM serves the experts as one "
                                  f"fused MoE layer, which cannot carry AVs (vllm-av extract leaves expert deltas out)")
         rank = a[0]

@@ -8,9 +8,10 @@ embedding, so that extraction has deltas it cannot serve and must report).
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
+
+from vllm_av.format.checkpoint import is_moe_expert
 
 TOPICS = ["medical", "legal", "financial", "travel", "cooking", "science"]
 WORDS = (
@@ -155,7 +156,7 @@ def make_aligned_variant(
 
 
 def _expert_weight(name: str, w) -> bool:
-    return w.dim() == 2 and ".experts." in name and name.endswith("_proj.weight")
+    return w.dim() == 2 and is_moe_expert(name) and name.endswith("_proj.weight")
 
 
 DEMO_AVS = {"alpha": 1, "beta": 2, "gamma": 3}  # AV name -> seed of its perturbation
