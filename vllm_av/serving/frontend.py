@@ -23,11 +23,9 @@ from vllm_av.serving import patch_points as points
 from vllm_av.serving.config import AVConfig, av_config_from
 from vllm_av.serving.http_mix import ObjectMixMiddleware
 from vllm_av.serving.library import library_for, local_model_dir
-from vllm_av.serving.mix import MixError, mix_to_str, parse_mix
+from vllm_av.serving.mix import MIX_KEY, MixError, mix_to_str, parse_mix
 
 logger = logging.getLogger("vllm.av")
-
-MIX_KEY = "av"
 
 
 class AVMixRejected(points.VALIDATION_ERROR.get(), ValueError):

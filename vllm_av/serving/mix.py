@@ -20,6 +20,8 @@ from vllm_av.serving.config import AVConfig
 
 Mix = tuple[tuple[str, float], ...]
 
+MIX_KEY = "av"  # the key of a request's mix in ``SamplingParams.extra_args`` and the OpenAI ``vllm_xargs``
+
 NAME_RE = re.compile(r"[A-Za-z0-9_.\-]+")
 # ASCII digits only: Python's \d and float() also take other scripts' digits ("١", "１").
 _NUMBER_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)

@@ -17,7 +17,7 @@ import torch
 
 from vllm_av.serving.config import AVConfig
 from vllm_av.serving.library import AVEntry
-from vllm_av.serving.mix import MixError, parse_mix
+from vllm_av.serving.mix import MIX_KEY, MixError, parse_mix
 
 logger = logging.getLogger("vllm.av")
 
@@ -160,7 +160,7 @@ class AVWorkerState:
     def _resolve(self, req_id: str, requests: dict) -> None:
         """Parse a new request's mix and give the request its pool row."""
         extra = getattr(requests[req_id].sampling_params, "extra_args", None) or {}
-        spec = extra.get("av")
+        spec = extra.get(MIX_KEY)
         mix: tuple = ()
         if spec is not None:
             try:
