@@ -36,7 +36,6 @@ SHAPES = {
     # SmolLM2-135M-Instruct with the two rank-16 style AVs of `vllm-av demo --real`, both in every mix
     "smollm2": ([(576, [576, 192, 192]), (576, [576]), (576, [1536, 1536]), (1536, [576])], [(2, 16)], 2),
 }
-LINEARS, LIBRARIES, MIX_SIZE = SHAPES["tiny"]
 TABLE_WIDTH = 8  # entries per table row (the default av.max_per_request)
 
 
@@ -52,27 +51,29 @@ def median_us(calls, repeats: int) -> float:
     return statistics.median(times) * 1e6
 
 
-def random_tables(tokens: int, num_avs: int, gen: torch.Generator):
-    """``index/scale [tokens, TABLE_WIDTH]``: MIX_SIZE distinct AVs per row, the rest -1."""
+def random_tables(tokens: int, num_avs: int, mix_size: int, gen: torch.Generator):
+    """``index/scale [tokens, TABLE_WIDTH]``: ``mix_size`` distinct AVs per row, the rest -1."""
     index = torch.full((tokens, TABLE_WIDTH), -1, dtype=torch.int32)
-    index[:, :MIX_SIZE] = torch.rand(tokens, num_avs, generator=gen).argsort(dim=1)[:, :MIX_SIZE].int()
+    index[:, :mix_size] = torch.rand(tokens, num_avs, generator=gen).argsort(dim=1)[:, :mix_size].int()
     scale = torch.zeros(tokens, TABLE_WIDTH)
-    scale[:, :MIX_SIZE] = torch.randn(tokens, MIX_SIZE, generator=gen)
+    scale[:, :mix_size] = torch.randn(tokens, mix_size, generator=gen)
     return index, scale
 
 
-def measure(tokens: int, threads: int, num_avs: int, rank: int, repeats: int, dtype: torch.dtype = torch.float32) -> dict:
+def measure(linears: list, mix_size: int, tokens: int, threads: int, num_avs: int, rank: int, repeats: int,
+            dtype: torch.dtype = torch.float32) -> dict:
+    """Median µs per decoder layer (``linears``: its (in, out slices)) of the base GEMMs and each blend."""
     from vllm import _custom_ops as ops
 
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(tokens + num_avs)
     kernel = load()
     calls = {"base_gemms": [], "blend_aten": [], "blend_onednn": [], "blend_native": []}
-    for d_in, slices in LINEARS:
+    for d_in, slices in linears:
         a = torch.randn(len(slices), num_avs, rank, d_in, generator=gen)
         b = torch.randn(num_avs, sum(slices), rank, generator=gen)
         x, y = torch.randn(tokens, d_in, generator=gen).to(dtype), torch.randn(tokens, sum(slices), generator=gen).to(dtype)
-        index, scale = random_tables(tokens, num_avs, gen)
+        index, scale = random_tables(tokens, num_avs, mix_size, gen)
         coef = mix_coefficients(index, scale, num_avs)
         base = ops.create_onednn_mm(torch.randn(sum(slices), d_in, generator=gen).to(dtype).t(), 32)
         aten, onednn = CPUBlend(a, b, slices, use_onednn=False), CPUBlend(a, b, slices)
@@ -93,14 +94,14 @@ def main() -> None:
     parser.add_argument("--shapes", choices=list(SHAPES), default="tiny", help="whose layer shapes and library")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 1024])
     args = parser.parse_args()
-    global LINEARS, LIBRARIES, MIX_SIZE
-    LINEARS, LIBRARIES, MIX_SIZE = SHAPES[args.shapes]
+    linears, libraries, mix_size = SHAPES[args.shapes]
     dtype = getattr(torch, args.dtype)
     if load() is None:
         raise SystemExit("the C blend kernel did not build here (see the warning above)")
     rows = [
-        measure(tokens, threads, num_avs, rank, max(5, args.repeats * 64 // max(64, tokens) // max(1, num_avs // 8)), dtype)
-        for num_avs, rank in LIBRARIES for threads in (1, 2) for tokens in args.tokens
+        measure(linears, mix_size, tokens, threads, num_avs, rank,
+                max(5, args.repeats * 64 // max(64, tokens) // max(1, num_avs // 8)), dtype)
+        for num_avs, rank in libraries for threads in (1, 2) for tokens in args.tokens
     ]
     print(f"per decoder layer, {args.dtype}, us (median); blend_native splits calls of 32+ rows over the threads")
     print(f"{'AVs':>4} {'rank':>4} {'threads':>7} {'tokens':>6} {'base GEMMs':>10} {'aten':>9} {'oneDNN':>9} {'native':>9}")
@@ -109,7 +110,7 @@ def main() -> None:
               f"{r['blend_aten']:>9.1f} {r['blend_onednn']:>9.1f} {r['blend_native']:>9.1f}")
     if args.json:
         meta = {"cpu": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M"),
-                "command": f"python benchmarks/cpu_blend_bench.py --dtype {args.dtype} --shapes {args.shapes}", "mix_size": MIX_SIZE, "table_width": TABLE_WIDTH}
+                "command": f"python benchmarks/cpu_blend_bench.py --dtype {args.dtype} --shapes {args.shapes}", "mix_size": mix_size, "table_width": TABLE_WIDTH}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": rows}, f, indent=2)
 
