@@ -336,13 +336,12 @@ def check_point(source: _Source, point: PatchPoint) -> str | None:
     tree = source.module(point.module)
     if tree is None:
         return f"module {point.module} is missing"
-    node, scope = None, tree.body
+    node, parent, scope = None, None, tree.body
     parts = point.qualname.split(".")
     for i, part in enumerate(parts):
         node = _find(scope, part)
         if node is None:
-            owner = parts[i - 1] if i else None
-            if owner and point.use == "read" and isinstance(parent, ast.ClassDef) and _assigns_attr(parent, part):
+            if point.use == "read" and isinstance(parent, ast.ClassDef) and _assigns_attr(parent, part):
                 return None
             return f"{'.'.join(parts[: i + 1])} is missing"
         parent = node
