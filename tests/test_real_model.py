@@ -17,11 +17,10 @@ from pathlib import Path
 
 import pytest
 import requests
-import torch
 
 from vllm_av.cli.server_process import CPU_FLAGS, ServerProcess
 from vllm_av.errors import AVError
-from vllm_av.testing.oracle import merged_model
+from vllm_av.testing.oracle import oracle_tokens
 
 pytestmark = [pytest.mark.real, pytest.mark.vllm]
 
@@ -53,17 +52,6 @@ def server(real, tmp_path_factory):
     command = [VLLM_AV, "serve", str(model), "--av-path", str(library), *CPU_FLAGS]
     with ServerProcess(command, tmp_path_factory.mktemp("real-server") / "server.log") as process:
         yield process.url, str(model)
-
-
-def oracle_tokens(real, mix: str | None, prompt_ids: list[int]) -> list[int]:
-    """Greedy ids of the merged-weights model in transformers (float32; the stop token included, as vLLM returns it)."""
-    model_dir, library = real
-    scales = {n.strip(): float(s) for n, s in (e.split(":") for e in mix.split(","))} if mix else {}
-    model = merged_model(model_dir, library, scales)
-    ids = torch.tensor([prompt_ids])
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS, do_sample=False)
-    return out[0, ids.shape[1]:].tolist()
 
 
 def test_real_fine_tune_extracts_a_reportable_av(real):
@@ -111,7 +99,7 @@ def test_served_chat_and_completions_equal_the_oracle(server, real):
         replies = dict(zip(jobs, pool.map(ask, jobs)))
     for (kind, mix), (prompt_ids, got, _) in replies.items():
         assert prompt_ids == replies[("chat", None)][0], "chat and completions must see the same templated prompt"
-        assert got == oracle_tokens(real, mix, prompt_ids), f"{kind} {mix}"
+        assert got == oracle_tokens(*real, mix, prompt_ids, MAX_TOKENS), f"{kind} {mix}"
     texts = {mix: replies[("chat", mix)][2] for mix in MIXES}
     assert texts["pirate:1"].startswith("Arr"), texts["pirate:1"]
     letters = [c for c in texts["shouting:1"] if c.isalpha()]

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 import requests
-import torch
 
 from vllm_av.cli.server_process import CPU_FLAGS, ServerProcess
 from vllm_av.testing.models import build_demo
-from vllm_av.testing.oracle import merged_model
+from vllm_av.testing.oracle import oracle_tokens
 
 pytestmark = pytest.mark.vllm
 
@@ -41,15 +40,6 @@ def server(demo, tmp_path_factory):
     ]
     with ServerProcess(command, tmp_path_factory.mktemp("server") / "server.log") as process:
         yield process.url, str(model)
-
-
-def oracle_tokens(demo, mix: dict, prompt_ids: list[int]) -> list[int]:
-    model_dir, library = demo
-    model = merged_model(model_dir, library, mix)
-    ids = torch.tensor([prompt_ids])
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False)
-    return out[0, ids.shape[1]:].tolist()
 
 
 def complete(url, model, prompt, av=None, **extra):
@@ -86,9 +76,8 @@ def test_concurrent_mixed_requests_match_oracle(server, demo):
         responses = list(pool.map(run, range(len(mixes))))
     prompt_ids = [tokenize(url, model, p) for p in prompts]
     for i, response in enumerate(responses):
-        mix = {n.strip(): float(s) for n, s in (e.split(":") for e in mixes[i].split(","))} if mixes[i] else {}
         got = response.choices[0].model_dump()["token_ids"]
-        assert got == oracle_tokens(demo, mix, prompt_ids[i % 2]), mixes[i]
+        assert got == oracle_tokens(*demo, mixes[i], prompt_ids[i % 2], MAX_TOKENS), mixes[i]
 
 
 def tokenize(url, model, prompt):

@@ -36,6 +36,23 @@ def merged_model(base_dir: str | Path, library_dir: str | Path, mix: dict[str, f
     return model.eval()
 
 
+def oracle_tokens(base_dir: str | Path, library_dir: str | Path, mix, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    """Greedy ids after ``prompt_ids`` from :func:`merged_model` (float32; the stop token included, as
+    vLLM returns it). ``mix``: None or any form a request may send (``"a:1,b:-0.5"``, a dict)."""
+    import torch
+
+    from vllm_av.serving.config import AVConfig
+    from vllm_av.serving.mix import parse_mix
+
+    names = [p.name for p in Path(library_dir).iterdir() if p.is_dir()]
+    scales = dict(parse_mix(mix, names, AVConfig(path=str(library_dir)))) if mix is not None else {}
+    model = merged_model(base_dir, library_dir, scales)
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False)
+    return out[0, ids.shape[1]:].tolist()
+
+
 def oracle_greedy(base_dir: str | Path, library_dir: str | Path, mix: dict[str, float], prompts: list[str],
                   max_tokens: int, ignore_eos: bool = False) -> list[tuple[list[int], list[float]]]:
     """Greedy tokens and their logprobs for each prompt from :func:`merged_model` (the served-output oracle).
