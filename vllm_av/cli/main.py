@@ -147,6 +147,61 @@ def demo_command(p: argparse.ArgumentParser) -> Runner:
     return run
 
 
+@subcommand("iama", "train a policy for the inference-time procedure it will be served with (IAMA: non-linear GRPO with TRL)")
+def iama_command(p: argparse.ArgumentParser) -> Runner:
+    p.add_argument("action", choices=["train"], help="train: GRPO with IAMA's reward, saved as a checkpoint")
+    p.add_argument("--model", required=True, help="the base checkpoint directory")
+    p.add_argument("--prompts", required=True,
+                   help='training prompts: a text file, one per line, or .jsonl with {"prompt": ...} per line')
+    p.add_argument("--criteria", nargs="+", required=True, metavar="SPEC",
+                   help="one reward per criterion: length:L:SCALE (−(|len−L|/SCALE)² in tokens) or module:function "
+                        "(a TRL reward function)")
+    p.add_argument("--transform", nargs="+", default=["bon:4"], metavar="SPEC",
+                   help="inference-time transform, one for all criteria or one each: bon:N, soft_bon:TAU, or identity "
+                        "(standard GRPO) (default bon:4)")
+    p.add_argument("--weights", nargs="+", type=float, default=None, help="criterion weights in g (default: equal)")
+    p.add_argument("--g", choices=["sum", "min", "smooth_min"], default="sum", help="how criteria combine (default sum)")
+    p.add_argument("--steps", type=int, default=100, help="GRPO steps (default 100)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3, for tiny models)")
+    p.add_argument("--num-generations", type=int, default=8, help="completions per prompt, the group size M (default 8)")
+    p.add_argument("--prompts-per-step", type=int, default=4, help="prompts per GRPO step (default 4)")
+    p.add_argument("--max-completion-length", type=int, default=40, help="tokens per completion (default 40)")
+    p.add_argument("--beta", type=float, default=0.0, help="KL-to-reference coefficient (default 0, TRL's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="where the trained checkpoint and iama_train.json go")
+
+    def run(args: argparse.Namespace) -> int:
+        from pathlib import Path
+
+        from vllm_av.iama.train import criterion, train
+        from vllm_av.iama.variation import Transform
+
+        try:
+            criteria = [criterion(c) for c in args.criteria]
+            transforms = [Transform.parse(t) for t in args.transform]
+        except ValueError as e:
+            p.error(str(e))
+        if len(transforms) == 1:
+            transforms *= len(criteria)
+        weights = args.weights or [1.0 / len(criteria)] * len(criteria)
+        if not (len(transforms) == len(weights) == len(criteria)):
+            p.error(f"{len(criteria)} criteria need 1 or {len(criteria)} transforms and {len(criteria)} weights")
+        lines = [line for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        try:
+            prompts = [json.loads(line)["prompt"] for line in lines] if args.prompts.endswith(".jsonl") else lines
+        except (ValueError, KeyError, TypeError):
+            p.error(f"{args.prompts}: every line of a .jsonl prompt file must be an object with a \"prompt\" string")
+        if not prompts:
+            p.error(f"{args.prompts}: no prompts")
+        record = train(args.model, prompts, criteria, transforms, weights, args.out, g=args.g, steps=args.steps,
+                       lr=args.lr, num_generations=args.num_generations, prompts_per_step=args.prompts_per_step,
+                       max_completion_length=args.max_completion_length, beta=args.beta, seed=args.seed)
+        print(json.dumps({k: record[k] for k in ("steps", "seconds", "trainable_parameters")}))
+        return 0
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``vllm-av`` parser with every registered subcommand."""
     parser = argparse.ArgumentParser(prog="vllm-av", description="Alignment Vectors for vLLM")
