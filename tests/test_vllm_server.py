@@ -3,6 +3,8 @@
 Concurrent requests with different mixes (and a regular LoRA) must each equal the
 merged-weights oracle; bad mixes get HTTP 400 naming the problem and the server keeps serving;
 ``GET /v1/av`` lists the library; a bad library stops the start with one line naming the file.
+RE-Control requests (``vllm_xargs`` recontrol, recontrol_alpha, recontrol_steps) must equal the
+reference decoder, alone and with a mix.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import requests
 
 from vllm_av.cli.server_process import CPU_FLAGS, ServerProcess
 from vllm_av.testing.models import build_demo
-from vllm_av.testing.oracle import oracle_tokens
+from vllm_av.testing.oracle import oracle_recontrol_tokens, oracle_tokens
+from vllm_av.testing.values import build_value_library
 
 pytestmark = pytest.mark.vllm
 
@@ -32,11 +35,17 @@ def demo(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(demo, tmp_path_factory):
+def values(demo, tmp_path_factory):
+    return build_value_library(demo[0], tmp_path_factory.mktemp("values"))
+
+
+@pytest.fixture(scope="module")
+def server(demo, values, tmp_path_factory):
     model, library = demo
     command = [
         VLLM_AV, "serve", str(model), "--av-path", str(library), "--av-max-per-request", "3", "--av-max-abs-scale", "3",
-        "--enable-lora", "--max-loras", "2", "--lora-modules", f"beta_lora={library / 'beta'}", *CPU_FLAGS,
+        "--enable-lora", "--max-loras", "2", "--lora-modules", f"beta_lora={library / 'beta'}",
+        "--av-recontrol-path", str(values), "--av-recontrol-max-steps", "16", *CPU_FLAGS,
     ]
     with ServerProcess(command, tmp_path_factory.mktemp("server") / "server.log") as process:
         yield process.url, str(model)
@@ -56,6 +65,9 @@ def test_listing_endpoint(server):
     assert [av["name"] for av in listing["data"]] == ["alpha", "beta", "gamma"]
     assert all(av["compatibility"] == "same_base" and av["rank"] == 4 for av in listing["data"])
     assert listing["limits"]["max_per_request"] == 3 and listing["limits"]["max_abs_scale"] == 3.0
+    assert [v["name"] for v in listing["value_functions"]] == ["brief", "helpful"]
+    assert all(v["compatibility"] == "same_base" and v["hidden_size"] == 128 for v in listing["value_functions"])
+    assert listing["limits"]["recontrol_max_steps"] == 16 and "recontrol_path" not in listing["limits"]
 
 
 def test_concurrent_mixed_requests_match_oracle(server, demo):
@@ -178,3 +190,76 @@ def test_bad_library_stops_start_with_one_line_naming_the_file(demo, tmp_path):
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last == f"vllm-av: error: {pickled / 'adapter_model.bin'}: pickle weights are refused; convert the adapter to adapter_model.safetensors"
+
+
+def steer(name, alpha, steps):
+    return {"recontrol": name, "recontrol_alpha": alpha, "recontrol_steps": steps}
+
+
+def test_concurrent_recontrol_requests_match_the_reference(server, demo, values):
+    url, model = server
+    cases = [("medical: the patient", None, None), ("medical: the patient", None, ("helpful", 0.5, 4)),
+             ("legal: the court", "gamma:1", ("brief", -0.5, 6)), ("finance: the", "alpha:1", None)]
+
+    def run(case):
+        prompt, av, setting = case
+        xargs = {**({"av": av} if av else {}), **(steer(*setting) if setting else {})}
+        body = {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True,
+                "return_token_ids": True, "vllm_xargs": xargs}
+        response = requests.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]
+
+    with ThreadPoolExecutor(len(cases)) as pool:
+        choices = list(pool.map(run, cases))
+    for choice, (prompt, av, setting) in zip(choices, cases):
+        prompt_ids = choice["prompt_token_ids"]
+        if setting is None:
+            want = oracle_tokens(*demo, av, prompt_ids, MAX_TOKENS)
+        else:
+            want = oracle_recontrol_tokens(*demo, av, values / setting[0], setting[1], setting[2], prompt_ids,
+                                           MAX_TOKENS)
+        assert choice["token_ids"] == want, (prompt, av, setting)
+    assert choices[1]["token_ids"] != choices[0]["token_ids"]
+
+
+@pytest.mark.parametrize("xargs, message", [
+    (steer("nope", 1.0, 2), "unknown value function 'nope'"),
+    ({"recontrol": "helpful", "recontrol_steps": 2}, "needs recontrol_alpha"),
+    (steer("helpful", 1.0, 17), "must be 0..16"),
+    (steer("helpful", -10.5, 2), "at most 10.0"),
+    (steer("helpful", 1.0, -1), "must be 0..16"),
+    ({"recontrol_steps": 2, "recontrol_alpha": 1.0}, "need recontrol"),
+])
+def test_bad_recontrol_is_http_400_and_server_keeps_serving(server, xargs, message):
+    url, model = server
+    for endpoint, body in [("completions", {"prompt": "hello"}),
+                           ("chat/completions", {"messages": [{"role": "user", "content": "hello"}]})]:
+        response = requests.post(f"{url}/v1/{endpoint}", json={"model": model, "max_tokens": 4, "vllm_xargs": xargs,
+                                                               **body}, timeout=30)
+        assert response.status_code == 400, response.text
+        assert message in response.json()["error"]["message"]
+    assert complete(url, model, "hello", vllm_xargs=steer("helpful", 0.5, 2)).status_code == 200
+
+
+def test_recontrol_with_beam_search_is_http_400(server):
+    url, model = server
+    response = complete(url, model, "hello", use_beam_search=True, n=2, vllm_xargs=steer("helpful", 0.5, 2))
+    assert response.status_code == 400 and "beam search" in response.json()["error"]["message"]
+
+
+def test_bad_value_library_stops_start_with_one_line_naming_the_tensor(demo, values, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, library = demo
+    bad = tmp_path / "values"
+    shutil.copytree(values, bad)
+    weights = bad / "brief" / "value.safetensors"
+    tensors = load_file(str(weights))
+    tensors["linears.1.bias"][0] = float("nan")
+    save_file(tensors, str(weights))
+    result = subprocess.run([VLLM_AV, "serve", str(model), "--av-path", str(library), "--av-recontrol-path", str(bad),
+                             *CPU_FLAGS], capture_output=True, text=True, timeout=180)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"vllm-av: error: {weights}: tensor linears.1.bias: contains NaN or Inf")

@@ -12,6 +12,7 @@ import os
 from vllm_av.serving import patch_points as points
 from vllm_av.serving.config import CONFIG_KEY, CPU_BLENDS, AVConfig, AVConfigError
 from vllm_av.serving.library import AVLibraryError, library_for, local_model_dir
+from vllm_av.serving.value_library import value_library_for
 
 
 def install() -> None:
@@ -40,6 +41,13 @@ def install() -> None:
                            help="CPU only: 'native' (a C kernel whose cost grows with the AVs a request uses), "
                                 "'dense' (GEMMs over the whole library), or 'auto' (native when a C compiler "
                                 "builds it, else dense).")
+        group.add_argument("--av-recontrol-path", type=str, default=None,
+                           help="RE-Control value-function library: one `vllm-av recontrol train` directory each "
+                                "(requests then steer with vllm_xargs recontrol, recontrol_alpha, recontrol_steps).")
+        group.add_argument("--av-recontrol-max-steps", type=int, default=defaults.recontrol_max_steps,
+                           help="Most RE-Control steps n one request may ask for.")
+        group.add_argument("--av-recontrol-max-alpha", type=float, default=defaults.recontrol_max_alpha,
+                           help="Largest |RE-Control step size α| one request may ask for.")
         return parser
 
     def from_cli_args(cls, args):
@@ -55,11 +63,15 @@ def install() -> None:
                 "max_name_length": args.av_max_name_length,
                 "lenient": args.av_lenient,
                 "cpu_blend": args.av_cpu_blend,
+                "recontrol_path": os.path.abspath(args.av_recontrol_path) if args.av_recontrol_path else "",
+                "recontrol_max_steps": args.av_recontrol_max_steps,
+                "recontrol_max_alpha": args.av_recontrol_max_alpha,
             }
             result.additional_config = {**(result.additional_config or {}), CONFIG_KEY: settings}
             _validate_before_start(settings, getattr(args, "model", None))
-        elif getattr(args, "av_path", None):
-            raise SystemExit("vllm-av: error: --av-path needs --enable-av")
+        elif getattr(args, "av_path", None) or getattr(args, "av_recontrol_path", None):
+            flag = "--av-path" if getattr(args, "av_path", None) else "--av-recontrol-path"
+            raise SystemExit(f"vllm-av: error: {flag} needs --enable-av")
         return result
 
     points.ENGINE_ADD_CLI_ARGS.replace(staticmethod(add_cli_args))
@@ -69,6 +81,8 @@ def install() -> None:
 def _validate_before_start(settings: dict, model: str | None) -> None:
     """Fail a CLI start with one line naming the bad file, before any engine process starts."""
     try:
-        library_for(AVConfig.from_dict(settings), local_model_dir(model or ""))
+        config, model_dir = AVConfig.from_dict(settings), local_model_dir(model or "")
+        library_for(config, model_dir)
+        value_library_for(config, model_dir)
     except (AVConfigError, AVLibraryError) as exc:
         raise SystemExit(f"vllm-av: error: {exc}") from None

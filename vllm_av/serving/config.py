@@ -40,6 +40,10 @@ class AVConfig:
     library_digest: set by the plugin at start (:func:`vllm_av.serving.library.library_digest`):
         vLLM hashes ``additional_config`` into its compile-cache key, so with it the key covers
         the library's contents, not only its path.
+    recontrol_path: the RE-Control value-function library (one directory per value function,
+        made by ``vllm-av recontrol train``); empty: RE-Control off.
+    recontrol_max_steps: most steering steps ``n`` one request may ask for.
+    recontrol_max_alpha: largest |step size α| one request may ask for.
     """
 
     path: str
@@ -51,17 +55,23 @@ class AVConfig:
     stock_lora: bool = True
     cpu_blend: str = "auto"
     library_digest: str = ""
+    recontrol_path: str = ""
+    recontrol_max_steps: int = 200
+    recontrol_max_alpha: float = 10.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path:
             raise AVConfigError("av.path must name the AV library directory")
-        for name in ("max_per_request", "max_rank", "max_name_length"):
+        for name in ("max_per_request", "max_rank", "max_name_length", "recontrol_max_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise AVConfigError(f"av.{name} must be a positive integer, got {value!r}")
-        scale = self.max_abs_scale
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-            raise AVConfigError(f"av.max_abs_scale must be a positive finite number, got {scale!r}")
+        for name in ("max_abs_scale", "recontrol_max_alpha"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise AVConfigError(f"av.{name} must be a positive finite number, got {value!r}")
+        if not isinstance(self.recontrol_path, str):
+            raise AVConfigError(f"av.recontrol_path must be a directory path, got {self.recontrol_path!r}")
         if self.cpu_blend not in CPU_BLENDS:
             raise AVConfigError(f"av.cpu_blend must be one of {', '.join(CPU_BLENDS)}; got {self.cpu_blend!r}")
         if not isinstance(self.lenient, bool):
@@ -79,10 +89,12 @@ class AVConfig:
         if "path" not in raw:
             raise AVConfigError("av.path must name the AV library directory")
         values = dict(raw)
-        if "path" in values and isinstance(values["path"], str):
-            values["path"] = os.path.abspath(os.path.expanduser(values["path"]))
-        if "max_abs_scale" in values and isinstance(values["max_abs_scale"], int):
-            values["max_abs_scale"] = float(values["max_abs_scale"])
+        for key in ("path", "recontrol_path"):
+            if values.get(key) and isinstance(values[key], str):
+                values[key] = os.path.abspath(os.path.expanduser(values[key]))
+        for key in ("max_abs_scale", "recontrol_max_alpha"):
+            if isinstance(values.get(key), int) and not isinstance(values[key], bool):
+                values[key] = float(values[key])
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

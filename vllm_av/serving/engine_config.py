@@ -14,6 +14,7 @@ from vllm_av.format.checkpoint import MOE_EXPERT_COUNT_FIELDS
 from vllm_av.serving import patch_points as points
 from vllm_av.serving.config import CONFIG_KEY, av_config_from
 from vllm_av.serving.library import library_digest, library_for, local_model_dir
+from vllm_av.serving.value_library import value_library_for
 
 logger = logging.getLogger("vllm.av")
 
@@ -21,7 +22,7 @@ logger = logging.getLogger("vllm.av")
 SPECULATORS_WITH_AV = ("ngram",)
 
 
-def _refuse_unsupported(engine_args) -> None:
+def _refuse_unsupported(engine_args, config) -> None:
     """Raise ``ValueError`` naming the fix for settings AV serving does not support."""
     if engine_args.fully_sharded_loras:
         raise ValueError("vllm-av: --fully-sharded-loras is not supported with AV")
@@ -29,6 +30,11 @@ def _refuse_unsupported(engine_args) -> None:
         # its LoRA path (lora_linear_async) never reaches the layer hook: AVs would be skipped
         raise ValueError("vllm-av: VLLM_LORA_ENABLE_DUAL_STREAM is not supported with AV; unset it")
     speculative = engine_args.speculative_config
+    if speculative and config.recontrol_path:
+        # steering edits one sampled row per request; verification samples several
+        raise ValueError("vllm-av: speculative decoding is not supported with RE-Control (--av-recontrol-path)")
+    if config.recontrol_path and getattr(engine_args, "enable_batch_sharded_sampling", False):
+        raise ValueError("vllm-av: --enable-batch-sharded-sampling is not supported with RE-Control")
     if speculative:
         method = speculative.get("method") if isinstance(speculative, dict) else getattr(speculative, "method", None)
         if method not in SPECULATORS_WITH_AV:
@@ -59,7 +65,7 @@ def install() -> None:
         config = av_config_from(self.additional_config)
         if config is None:
             return original_create(self, *args, **kwargs)
-        _refuse_unsupported(self)
+        _refuse_unsupported(self, config)
         if not self.enable_lora:
             # AVs ride on vLLM's LoRA layers but live in buffers of their own: keep vLLM's LoRA
             # slots minimal and skip its LoRA math (stock_lora=False).
@@ -68,6 +74,7 @@ def install() -> None:
             self.max_lora_rank = 8
             config = dataclasses.replace(config, stock_lora=False)
         entries = library_for(config, local_model_dir(self.model))
+        values = value_library_for(config, local_model_dir(self.model))
         if not config.stock_lora and self.lora_target_modules is None:
             # wrap only the layers the library touches: MoE experts, lm_head and the embeddings
             # stay vLLM's own (vLLM's MoE LoRA path has no CPU kernel), and untouched layers cost nothing
@@ -79,6 +86,9 @@ def install() -> None:
         for entry in entries:
             logger.info("vllm-av: AV %-24s rank %-3d %3d modules  compatibility: %s",
                         entry.name, entry.rank, len(entry.modules), entry.compatibility)
+        for entry in values:
+            logger.info("vllm-av: value function %-24s %d layers, width %d  compatibility: %s",
+                        entry.name, entry.layers, entry.width, entry.compatibility)
         return vllm_config
 
     points.ENGINE_CREATE_CONFIG.replace(create_engine_config)

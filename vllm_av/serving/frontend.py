@@ -10,20 +10,26 @@ never reused under another.
 Beam search builds its own sampling parameters without ``extra_args``, so a mix there would
 be silently dropped: such requests are refused with HTTP 400 instead.
 
-``GET /v1/av`` lists the served AVs, beside vLLM's ``GET /v1/models``, and a JSON object as
-``vllm_xargs.av`` is accepted over HTTP (``serving/http_mix.py``).
+A request's RE-Control setting (``recontrol``, ``recontrol_alpha``, ``recontrol_steps``;
+:mod:`.recontrol_request`) is validated and canonicalised the same way. It needs no salt: steering
+changes which tokens are sampled, never the KV computed for a given token sequence.
+
+``GET /v1/av`` lists the served AVs and value functions, beside vLLM's ``GET /v1/models``, and a
+JSON object as ``vllm_xargs.av`` is accepted over HTTP (``serving/http_mix.py``).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vllm_av.serving import patch_points as points
 from vllm_av.serving.config import AVConfig, av_config_from
 from vllm_av.serving.http_mix import ObjectMixMiddleware
 from vllm_av.serving.library import library_for, local_model_dir
 from vllm_av.serving.mix import MIX_KEY, MixError, mix_to_str, parse_mix
+from vllm_av.serving.recontrol_request import ALPHA_KEY, RECONTROL_KEY, RECONTROL_KEYS, STEPS_KEY, parse_recontrol
+from vllm_av.serving.value_library import value_library_for
 
 logger = logging.getLogger("vllm.av")
 
@@ -32,23 +38,29 @@ class AVMixRejected(points.VALIDATION_ERROR.get(), ValueError):
     """A request's AV mix was rejected: HTTP 400 on the server, a ``ValueError`` offline."""
 
 
-_NOT_LIMITS = ("path", "stock_lora", "cpu_blend", "library_digest")  # AVConfig fields that are not request limits
+_NOT_LIMITS = ("path", "stock_lora", "cpu_blend", "library_digest", "recontrol_path")  # AVConfig fields that are not request limits
 
 
 @dataclass
 class ServedLibrary:
     config: AVConfig
     entries: list
+    value_functions: list = field(default_factory=list)
 
     @property
     def names(self) -> frozenset[str]:
         return frozenset(entry.name for entry in self.entries)
+
+    @property
+    def value_names(self) -> frozenset[str]:
+        return frozenset(entry.name for entry in self.value_functions)
 
     def listing(self) -> dict:
         """The body of ``GET /v1/av``."""
         return {
             "object": "list",
             "data": [entry.summary() for entry in self.entries],
+            "value_functions": [entry.summary() for entry in self.value_functions],
             "limits": {k: v for k, v in self.config.to_dict().items() if k not in _NOT_LIMITS},
             "lora_requests": self.config.stock_lora,
         }
@@ -67,6 +79,33 @@ def admit(params, served: ServedLibrary | None) -> tuple:
     return parse_mix(extra[MIX_KEY], served.names, served.config)
 
 
+def admit_recontrol(params, served: ServedLibrary | None):
+    """The canonical RE-Control setting of ``params`` (None: off); raise ``MixError`` for a bad one."""
+    extra = getattr(params, "extra_args", None)
+    if not isinstance(extra, dict) or not any(key in extra for key in RECONTROL_KEYS):
+        return None
+    if served is None or not served.value_functions:
+        raise MixError("this server serves no RE-Control value functions (start it with --enable-av --av-path DIR "
+                       "--av-recontrol-path DIR)")
+    return parse_recontrol(extra, served.value_names, served.config)
+
+
+def canonicalise(extra: dict, mix: tuple, setting) -> str | None:
+    """Leave the canonical mix and RE-Control setting in ``extra``; the prefix-cache salt for the mix."""
+    salt = None
+    if MIX_KEY in extra:
+        if mix:
+            extra[MIX_KEY] = [list(pair) for pair in mix]
+            salt = f"av:{mix_to_str(mix)}"
+        else:
+            del extra[MIX_KEY]
+    for key in (ALPHA_KEY, STEPS_KEY, RECONTROL_KEY):
+        extra.pop(key, None)
+    if setting is not None:
+        extra[RECONTROL_KEY] = list(setting)
+    return salt
+
+
 def _install_input_processor() -> None:
     original_init = points.INPUT_PROCESSOR_INIT.get()
     original_process = points.PROCESS_INPUTS.get()
@@ -77,8 +116,9 @@ def _install_input_processor() -> None:
         config = av_config_from(vllm_config.additional_config)
         self._vllm_av = None
         if config is not None:
-            entries = library_for(config, local_model_dir(vllm_config.model_config.model))
-            self._vllm_av = _served = ServedLibrary(config, entries)
+            model_dir = local_model_dir(vllm_config.model_config.model)
+            entries = library_for(config, model_dir)
+            self._vllm_av = _served = ServedLibrary(config, entries, value_library_for(config, model_dir))
 
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
         served = getattr(self, "_vllm_av", None)
@@ -86,19 +126,20 @@ def _install_input_processor() -> None:
             mix = admit(params, served)
         except MixError as exc:
             raise AVMixRejected(str(exc), parameter="vllm_xargs.av") from None
+        try:
+            setting = admit_recontrol(params, served)
+        except MixError as exc:
+            raise AVMixRejected(str(exc), parameter=f"vllm_xargs.{RECONTROL_KEY}") from None
         # vLLM's engines pass lora_request by keyword.
         if served is not None and not served.config.stock_lora and kwargs.get("lora_request") is not None:
             raise AVMixRejected("this server serves AVs only; start it with --enable-lora to serve LoRA adapters too",
                                 parameter="lora_request")
         request = original_process(self, request_id, prompt, params, *args, **kwargs)
         sampling = request.sampling_params
-        if sampling is not None and isinstance(sampling.extra_args, dict) and MIX_KEY in sampling.extra_args:
-            if mix:
-                sampling.extra_args[MIX_KEY] = [list(pair) for pair in mix]
-                salt = f"av:{mix_to_str(mix)}"
+        if sampling is not None and isinstance(sampling.extra_args, dict):
+            salt = canonicalise(sampling.extra_args, mix, setting)
+            if salt:
                 request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
-            else:
-                del sampling.extra_args[MIX_KEY]
         return request
 
     points.INPUT_PROCESSOR_INIT.replace(__init__)
@@ -106,14 +147,16 @@ def _install_input_processor() -> None:
 
 
 def _install_beam_search_guard() -> None:
-    """Refuse ``use_beam_search`` with an ``av`` mix (beam search would drop the mix)."""
+    """Refuse ``use_beam_search`` with an ``av`` mix or RE-Control (beam search would drop them)."""
     for point in (points.COMPLETION_BEAM_SEARCH, points.CHAT_BEAM_SEARCH):
         original = point.get()
 
         def to_beam_search_params(self, *args, _original=original, **kwargs):
-            if self.vllm_xargs and MIX_KEY in self.vllm_xargs:
-                raise AVMixRejected("av mixes cannot be used with beam search (use_beam_search)",
-                                    parameter="vllm_xargs.av")
+            for key in (MIX_KEY, *RECONTROL_KEYS):
+                if self.vllm_xargs and key in self.vllm_xargs:
+                    what = "av mixes" if key == MIX_KEY else "RE-Control"
+                    raise AVMixRejected(f"{what} cannot be used with beam search (use_beam_search)",
+                                        parameter=f"vllm_xargs.{key}")
             return _original(self, *args, **kwargs)
 
         point.replace(to_beam_search_params)

@@ -77,3 +77,20 @@ def oracle_greedy(base_dir: str | Path, library_dir: str | Path, mix: dict[str, 
         logprobs = [torch.log_softmax(s[0].double(), -1)[t].item() for s, t in zip(out.scores, tokens)]
         results.append((tokens, logprobs))
     return results
+
+
+def oracle_recontrol_tokens(base_dir: str | Path, library_dir: str | Path, mix, value_dir: str | Path, alpha: float,
+                            steps: int, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    """Greedy ids after ``prompt_ids`` from :func:`merged_model` steered by the reference RE-Control decoder
+    (:mod:`vllm_av.recontrol.reference`: autograd SGD on the hidden state), ``max_tokens`` of them (vLLM's
+    ``ignore_eos``). ``mix``: None or any form a request may send."""
+    from vllm_av.recontrol.reference import recontrol_generate
+    from vllm_av.recontrol.valuefile import load_value_function
+    from vllm_av.serving.config import AVConfig
+    from vllm_av.serving.mix import parse_mix
+
+    names = [p.name for p in Path(library_dir).iterdir() if p.is_dir()]
+    scales = dict(parse_mix(mix, names, AVConfig(path=str(library_dir)))) if mix is not None else {}
+    model = merged_model(base_dir, library_dir, scales)
+    value = load_value_function(value_dir)
+    return recontrol_generate(model, value, [list(prompt_ids)], alpha, steps, max_tokens)[0]

@@ -4,6 +4,8 @@ Class-level wraps, each a no-op for runs without ``additional_config["av"]``:
 
 * ``LoRAModelRunnerMixin.load_lora_model`` (both runners) -- after vLLM wraps the linear layers,
   load the AVs into buffers of their own (before profiling, compilation and CUDA-graph capture).
+  With RE-Control on, the value functions load too and the model's ``compute_logits`` is wrapped
+  on the instance (:mod:`.steering`); the step hooks below arm its plan.
 * ``LoRAModelRunnerMixin._set_active_loras`` (both runners) -- vLLM's LoRA mapping; skipped when
   LoRA is on only to carry the AVs (stock LoRA off: nothing reads it).
 
@@ -36,7 +38,9 @@ import numpy as np
 from vllm_av.serving import patch_points as points
 from vllm_av.serving.config import av_config_from
 from vllm_av.serving.library import library_for, local_model_dir
+from vllm_av.serving.value_library import value_library_for
 from vllm_av.serving.worker.loading import install as install_av
+from vllm_av.serving.worker.steering import install_steering
 
 logger = logging.getLogger("vllm.av")
 
@@ -52,8 +56,11 @@ def _install_load_hook() -> None:
         model = original_load(self, model, vllm_config, device)
         config = av_config_from(vllm_config.additional_config)
         if config is not None:
-            entries = library_for(config, local_model_dir(vllm_config.model_config.model))
-            self._vllm_av = install_av(self, model, vllm_config, entries, config)
+            model_dir = local_model_dir(vllm_config.model_config.model)
+            self._vllm_av = install_av(self, model, vllm_config, library_for(config, model_dir), config)
+            values = value_library_for(config, model_dir)
+            if values:
+                self._vllm_av.steering = install_steering(model, values, vllm_config.scheduler_config.max_num_seqs)
             runner = "Model Runner V2" if hasattr(self, "lora_state") else "the classic (V1) model runner"
             logger.info("vllm-av: AV tables filled by %s (%s)", runner, type(self).__name__)
         return model

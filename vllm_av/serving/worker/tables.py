@@ -126,6 +126,7 @@ class AVWorkerState:
         self.needs_lora_mapping = needs_lora_mapping  # whether vLLM's own per-step LoRA mapping must be built
         # req_id -> an object with ``.sampling_params``, for runners that keep none (Model Runner V2)
         self.requests: dict = {}
+        self.steering = None  # a worker.steering.Steering when RE-Control is on: armed every step
         self._capacity = max(4 * max_live_mixes, 64)  # > 2x the live requests: room after compaction
         self._last_ids: list[str] = []  # the last update's batch (see update)
         self._last_counts = b""
@@ -181,8 +182,11 @@ class AVWorkerState:
         """Fill the tables for a batch: request ``req_ids[i]`` owns ``num_scheduled_tokens[i]`` rows.
 
         A step that repeats the last one (same requests in the same order, same token counts: most
-        decode steps) finds the tables already filled and returns at once.
+        decode steps) finds the tables already filled and returns at once. With RE-Control on, the
+        step's steering plan is armed first (request ``i`` owns sampled row ``i``).
         """
+        if self.steering is not None:
+            self.steering.prepare(req_ids, requests)
         counts = num_scheduled_tokens.tobytes()
         if req_ids == self._last_ids and counts == self._last_counts:
             return
