@@ -91,16 +91,22 @@ def extract_command(p: argparse.ArgumentParser) -> Runner:
 
 @subcommand("inspect", "show an AV's per-module ranks, errors, dropped deltas and fingerprints")
 def inspect_command(p: argparse.ArgumentParser) -> Runner:
-    p.add_argument("av", metavar="DIR", help="AV directory made by `vllm-av extract`")
+    p.add_argument("av", metavar="DIR", help="AV directory made by `vllm-av extract`, or a value-function "
+                                           "directory made by `vllm-av recontrol train`")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.add_argument("--model", metavar="MODEL_DIR", help="also check whether the AV can be applied to this model")
     p.add_argument("--av-max-rank", type=int, default=None, metavar="N",
                    help="show what a server with this --av-max-rank does with the AV (default: the server's default)")
 
     def run(args: argparse.Namespace) -> int:
+        from pathlib import Path
+
         from vllm_av.format.avfile import check_compatibility, read_av
         from vllm_av.offline.report import format_report, report_dict
+        from vllm_av.recontrol.valuefile import VALUE_JSON
 
+        if (Path(args.av) / VALUE_JSON).is_file():
+            return inspect_value_function(args)
         meta = read_av(args.av)
         compat = check_compatibility(meta, args.model) if args.model else None
         if args.json:
@@ -110,6 +116,33 @@ def inspect_command(p: argparse.ArgumentParser) -> Runner:
         return 0
 
     return run
+
+
+def inspect_value_function(args: argparse.Namespace) -> int:
+    """``vllm-av inspect`` of a value-function directory: its architecture, reward, training and base."""
+    from vllm_av.recontrol.valuefile import check_value_compatibility, check_value_file, read_value_meta
+
+    meta = read_value_meta(args.av)
+    check_value_file(args.av, meta)
+    compat = check_value_compatibility(meta, args.model) if args.model else None
+    if args.json:
+        print(json.dumps({**meta, **({"compatibility": list(compat)} if compat else {})}, indent=2))
+        return 0
+    training = meta.get("training") or {}
+    base = meta.get("base") or {}
+    lines = [f"value function {meta.get('name') or args.av}: {meta['layers']}-layer ReLU MLP, width {meta['width']}, "
+             f"hidden size {meta['hidden_size']}",
+             f"reward: {meta.get('reward') or 'unknown'}"]
+    if training:
+        lines.append(f"training: {training.get('epochs')} epochs on {training.get('trajectories')} trajectories "
+                     f"({training.get('states')} states); final TD loss {training.get('final_td_loss'):.5f}, terminal "
+                     f"loss {training.get('final_terminal_loss'):.5f}")
+    lines.append(f"base: {base.get('arch', {}).get('model_type', '?')} (arch {str(base.get('arch_hash', '?'))[:12]}, "
+                 f"tensors {str(base.get('content_hash', '?'))[:12]})" if base else "base: no fingerprint recorded")
+    if compat:
+        lines.append(f"with {args.model}: {compat[0]} ({compat[1]})")
+    print("\n".join(lines))
+    return 0
 
 
 @subcommand("serve", "vLLM's OpenAI server with AVs: `vllm-av serve MODEL --av-path DIR [any vllm serve flag]`")
@@ -186,17 +219,75 @@ def iama_command(p: argparse.ArgumentParser) -> Runner:
         weights = args.weights or [1.0 / len(criteria)] * len(criteria)
         if not (len(transforms) == len(weights) == len(criteria)):
             p.error(f"{len(criteria)} criteria need 1 or {len(criteria)} transforms and {len(criteria)} weights")
-        lines = [line for line in Path(args.prompts).read_text().splitlines() if line.strip()]
-        try:
-            prompts = [json.loads(line)["prompt"] for line in lines] if args.prompts.endswith(".jsonl") else lines
-        except (ValueError, KeyError, TypeError):
-            p.error(f"{args.prompts}: every line of a .jsonl prompt file must be an object with a \"prompt\" string")
-        if not prompts:
-            p.error(f"{args.prompts}: no prompts")
+        prompts = read_prompts(p, args.prompts)
         record = train(args.model, prompts, criteria, transforms, weights, args.out, g=args.g, steps=args.steps,
                        lr=args.lr, num_generations=args.num_generations, prompts_per_step=args.prompts_per_step,
                        max_completion_length=args.max_completion_length, beta=args.beta, seed=args.seed)
         print(json.dumps({k: record[k] for k in ("steps", "seconds", "trainable_parameters")}))
+        return 0
+
+    return run
+
+
+def read_prompts(p: argparse.ArgumentParser, path: str) -> list[str]:
+    """Prompts from a text file (one per line) or ``.jsonl`` (``{"prompt": ...}`` per line); a bad file is a usage error."""
+    from pathlib import Path
+
+    try:
+        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        p.error(f"{path}: cannot read the prompt file ({exc})")
+    try:
+        prompts = [json.loads(line)["prompt"] for line in lines] if path.endswith(".jsonl") else lines
+    except (ValueError, KeyError, TypeError):
+        p.error(f"{path}: every line of a .jsonl prompt file must be an object with a \"prompt\" string")
+    if not prompts or not all(isinstance(x, str) for x in prompts):
+        p.error(f"{path}: no prompts" if not prompts else f"{path}: every \"prompt\" must be a string")
+    return prompts
+
+
+@subcommand("recontrol", "RE-Control: collect base rollouts with rewards, then train a value function to serve")
+def recontrol_command(p: argparse.ArgumentParser) -> Runner:
+    p.add_argument("action", choices=["collect", "train"],
+                   help="collect: greedy base answers, their last hidden states and rewards (MODEL → --out); "
+                        "train: a value function on collected data (DATA → --out)")
+    p.add_argument("source", metavar="MODEL|DATA", help="collect: the base checkpoint; train: a collect output")
+    p.add_argument("--out", required=True, help="output directory")
+    collect = p.add_argument_group("collect")
+    collect.add_argument("--prompts", help='a text file, one prompt per line, or .jsonl with {"prompt": ...} per line')
+    collect.add_argument("--reward", help="module:function (a TRL reward function) or a local sequence-classification "
+                                          "reward-model directory (num_labels 1)")
+    collect.add_argument("--max-new-tokens", type=int, default=128, help="tokens per answer (default 128)")
+    collect.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch and shard (default 16)")
+    collect.add_argument("--chat-template", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    train = p.add_argument_group("train")
+    train.add_argument("--name", help="the value function's name (what requests select; default: the --out dir's name)")
+    train.add_argument("--layers", type=int, choices=[2, 3], default=2, help="MLP layers (default 2)")
+    train.add_argument("--width", type=int, default=1024, help="hidden width (default 1024)")
+    train.add_argument("--epochs", type=int, default=100, help="epochs (default 100)")
+    train.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
+    train.add_argument("--train-batch-size", type=int, default=512, help="trajectories per Adam step (default 512)")
+    train.add_argument("--seed", type=int, default=0)
+
+    def run(args: argparse.Namespace) -> int:
+        from pathlib import Path
+
+        if args.action == "collect":
+            from vllm_av.recontrol.collect import collect
+
+            if not args.prompts or not args.reward:
+                p.error("collect needs --prompts FILE and --reward SPEC")
+            summary = collect(args.source, read_prompts(p, args.prompts), args.reward, args.out,
+                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                              chat_template=args.chat_template)
+            print(json.dumps({k: summary[k] for k in ("trajectories", "states", "mean_reward", "seconds")}))
+            return 0
+        from vllm_av.recontrol.train import train_value
+
+        name = args.name or Path(args.out).name
+        training = train_value(args.source, args.out, name, layers=args.layers, width=args.width, epochs=args.epochs,
+                               lr=args.lr, batch_size=args.train_batch_size, seed=args.seed)
+        print(json.dumps({k: training[k] for k in ("epochs", "final_td_loss", "final_terminal_loss", "seconds")}))
         return 0
 
     return run

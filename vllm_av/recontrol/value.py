@@ -36,16 +36,21 @@ class ValueMLP(torch.nn.Module):
 
 def input_gradient(value: ValueMLP, s: torch.Tensor) -> torch.Tensor:
     """``∇_s V(s)`` for each row of ``s`` in closed form: the forward pass keeps the ReLU masks,
-    the backward pass is ``W_1ᵀ (m_1 ⊙ W_2ᵀ (m_2 ⊙ … w_Lᵀ))``."""
+    the backward pass is ``W_1ᵀ (m_1 ⊙ W_2ᵀ (m_2 ⊙ … w_Lᵀ))`` (the output layer's activations are
+    never needed, only its mask)."""
+    hidden = value.linears[:-1]
     masks = []
     h = s
-    for linear in value.linears[:-1]:
+    for i, linear in enumerate(hidden):
         pre = torch.nn.functional.linear(h, linear.weight, linear.bias)
         masks.append(pre > 0)
-        h = torch.relu(pre)
-    g = value.linears[-1].weight.expand(s.shape[0], -1)  # ∂V/∂h_last, [rows, width]
-    for linear, mask in zip(reversed(value.linears[:-1]), reversed(masks)):
-        g = (g * mask) @ linear.weight
+        if i + 1 < len(hidden):
+            h = torch.relu(pre)
+    g = masks[-1] * value.linears[-1].weight  # ∂V/∂pre_last, [rows, width]
+    for i in range(len(hidden) - 1, -1, -1):
+        g = g @ hidden[i].weight
+        if i:
+            g = g * masks[i - 1]
     return g
 
 

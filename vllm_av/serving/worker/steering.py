@@ -9,6 +9,11 @@ once and, per group, runs ``x ← x + α ∇V(x)`` from ``x = s`` on the first `
 in float32 -- then ``lm_head`` on the edited rows. The KV cache is untouched. Calls without an
 armed plan (dummy and profiling runs, prompt logprobs, a step where nobody steers) pass through
 unchanged, so rows and steps without RE-Control pay nothing.
+
+The wrap is on the model instance, which every runner's sampling path calls with the sampled rows
+``hidden_states[logits_indices]``: the classic runner's ``execute_model`` (vLLM 0.32, 0.33), Model
+Runner V2's ``sample`` (0.32, 0.33) and, in 0.34, its ``model_state.compute_sample_logits``, which
+calls ``model.compute_logits`` on the same object (read off the 0.33.0 and 0.34.0 wheels).
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ def steer_rows(plan: Plan, hidden: torch.Tensor) -> torch.Tensor:
         x = hidden.index_select(0, group.rows).float()
         for count in group.active:
             head = x[:count]
-            head += group.alpha[:count] * input_gradient(group.value, head)
+            head.addcmul_(group.alpha[:count], input_gradient(group.value, head))
         out = out.index_copy(0, group.rows, x.to(hidden.dtype))
     return out
 
