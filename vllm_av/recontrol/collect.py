@@ -73,10 +73,9 @@ def _rollouts(model, ids: list[list[int]], max_new_tokens: int, eos: int | None,
     """Greedy tokens and, per generated token, the post-norm state that produced it, for one batch."""
     import torch
 
-    width = max(map(len, ids))
-    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in ids])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ids])
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    from vllm_av.recontrol.reference import left_padded
+
+    input_ids, mask, positions = left_padded(ids, pad)
     past, states, tokens = None, [], []
     done = torch.zeros(len(ids), dtype=torch.bool)
     lengths = torch.zeros(len(ids), dtype=torch.long)

@@ -27,6 +27,14 @@ def steered_state(value: torch.nn.Module, s: torch.Tensor, alpha: float, steps: 
     return (s + u).detach()
 
 
+def left_padded(prompts: list[list[int]], pad_token_id: int, device=None):
+    """``(input_ids, attention_mask, position_ids)`` of ``prompts`` left-padded into one batch."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 @torch.no_grad()
 def recontrol_generate(model, value, prompts: list[list[int]], alpha: float, steps: int, max_new_tokens: int,
                        eos_token_id: int | None = None, pad_token_id: int = 0) -> list[list[int]]:
@@ -36,10 +44,7 @@ def recontrol_generate(model, value, prompts: list[list[int]], alpha: float, ste
     ``.lm_head``; prompts are left-padded into one batch. ``eos_token_id`` None: ``max_new_tokens``
     tokens whatever they are."""
     device = next(model.parameters()).device
-    width = max(map(len, prompts))
-    ids = torch.tensor([[pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    ids, mask, positions = left_padded(prompts, pad_token_id, device)
     past, out = None, [[] for _ in prompts]
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):

@@ -160,16 +160,16 @@ def _pattern(adapter_config: Path, peft: dict, key: str) -> list[tuple[str, obje
     return list(value.items())
 
 
-def _inside(path: Path, real_root: Path) -> Path:
-    """``path`` if it does not resolve out of the library; a link out is refused."""
+def inside(path: Path, real_root: Path, library: str = "AV library") -> Path:
+    """``path`` if it does not resolve out of the library at ``real_root``; a link out is refused."""
     if not path.resolve().is_relative_to(real_root):
-        raise _fail(path, "is a link out of the AV library; refused")
+        raise _fail(path, f"is a link out of the {library}; refused")
     return path
 
 
 def _load_entry(directory: Path, config: AVConfig, model_shapes, model_dir: str | None, real_root: Path) -> AVEntry:
-    adapter_config = _inside(directory / ADAPTER_CONFIG, real_root)
-    weights = _inside(directory / ADAPTER_WEIGHTS, real_root)
+    adapter_config = inside(directory / ADAPTER_CONFIG, real_root)
+    weights = inside(directory / ADAPTER_WEIGHTS, real_root)
     if not weights.is_file():
         pickles = [p for p in PICKLE_WEIGHTS if (directory / p).exists()]
         if pickles:
@@ -183,7 +183,7 @@ def _load_entry(directory: Path, config: AVConfig, model_shapes, model_dir: str 
     if peft.get("bias", "none") != "none":
         raise _fail(adapter_config, f"bias={peft.get('bias')!r} is not supported (must be 'none')")
     max_scaling = _check_scaling(adapter_config, peft)
-    av_json = _inside(directory / AV_JSON, real_root)
+    av_json = inside(directory / AV_JSON, real_root)
     meta = _read_json(av_json) if av_json.is_file() else {}
     name = meta.get("name") or directory.name
     if not isinstance(name, str) or not NAME_RE.fullmatch(name) or len(name) > config.max_name_length:
@@ -233,30 +233,42 @@ def load_library(path: str, config: AVConfig, model_dir: str | None = None) -> l
         raise AVLibraryError(f"{root}: AV library directory not found")
     model_shapes = _model_weight_shapes(model_dir) if model_dir and Path(model_dir).is_dir() else None
     real_root = root.resolve()
-    entries: dict[str, AVEntry] = {}
+    return scan_entries(root, config, lambda d: _scan(d, config, model_shapes,
+                                                      model_dir if model_shapes is not None else None, real_root),
+                        noun="AV", plural="adapters")
+
+
+def scan_entries(root: Path, config: AVConfig, load_one, noun: str, plural: str) -> list:
+    """``load_one(directory)`` for every entry of the library ``root`` (None: not an entry), sorted by name.
+
+    Names must be unique; with ``config.lenient`` an entry that raises :class:`AVLibraryError` is
+    refused with a warning and the rest are kept; an empty result is an error. ``noun``/``plural``
+    name what the library holds in messages ("AV"/"adapters")."""
+    label = noun.replace(" ", "-")
+    entries: dict = {}
     refused = 0
     for directory in sorted(p for p in root.iterdir() if not p.name.startswith(".")):
         try:
-            entry = _scan(directory, config, model_shapes, model_dir if model_shapes is not None else None, real_root)
+            entry = load_one(directory)
             if entry is not None and entry.name in entries:
-                raise _fail(directory, f"AV name {entry.name!r} is also used by {entries[entry.name].path}")
+                raise _fail(directory, f"{label} name {entry.name!r} is also used by {entries[entry.name].path}")
         except AVLibraryError as exc:
             if not config.lenient:
                 raise
-            logger.warning("vllm-av: AV refused (lenient loading): %s", exc)
+            logger.warning("vllm-av: %s refused (lenient loading): %s", noun, exc)
             refused += 1
             continue
         if entry is not None:
             entries[entry.name] = entry
     if not entries:
         reason = f" ({refused} refused)" if refused else ""
-        raise AVLibraryError(f"{root}: the AV library holds no adapters{reason}")
+        raise AVLibraryError(f"{root}: the {label} library holds no {plural}{reason}")
     return [entries[name] for name in sorted(entries)]
 
 
 def _scan(directory: Path, config: AVConfig, model_shapes, model_dir: str | None, real_root: Path) -> AVEntry | None:
     """The AV in one library entry, or None for a plain file (not an AV)."""
-    _inside(directory, real_root)
+    inside(directory, real_root)
     if not directory.is_dir():
         return None
     if not (directory / ADAPTER_CONFIG).is_file():

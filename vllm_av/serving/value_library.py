@@ -9,7 +9,6 @@ value function is refused with a warning and the rest are served.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,11 +16,10 @@ from vllm_av.recontrol.valuefile import (
     VALUE_JSON, ValueFileError, check_value_compatibility, check_value_file, read_value_meta,
 )
 from vllm_av.serving.config import AVConfig
-from vllm_av.serving.library import AVLibraryError
+from vllm_av.serving.library import AVLibraryError, inside, scan_entries
 from vllm_av.serving.mix import NAME_RE
 
-logger = logging.getLogger("vllm.av")
-
+LIBRARY = "value-function library"
 _libraries: dict[tuple, list] = {}
 
 
@@ -47,9 +45,8 @@ class ValueEntry:
 
 def _load_entry(directory: Path, config: AVConfig, model_dir: str | None, hidden_size: int | None,
                 real_root: Path) -> ValueEntry:
-    for file in (directory, *directory.iterdir()):
-        if not file.resolve().is_relative_to(real_root):
-            raise AVLibraryError(f"{file}: is a link out of the value-function library; refused")
+    for file in directory.iterdir():
+        inside(file, real_root, LIBRARY)
     try:
         meta = read_value_meta(directory)
         check_value_file(directory, meta)
@@ -89,29 +86,12 @@ def load_value_library(config: AVConfig, model_dir: str | None = None) -> list[V
         raise AVLibraryError(f"{root}: value-function library directory not found")
     hidden_size = _model_hidden_size(model_dir)
     real_root = root.resolve()
-    entries: dict[str, ValueEntry] = {}
-    refused = 0
-    for directory in sorted(p for p in root.iterdir() if not p.name.startswith(".")):
-        try:
-            if not directory.resolve().is_relative_to(real_root):
-                raise AVLibraryError(f"{directory}: is a link out of the value-function library; refused")
-            if not directory.is_dir():
-                continue
-            entry = _load_entry(directory, config, model_dir, hidden_size, real_root)
-            if entry.name in entries:
-                raise AVLibraryError(f"{directory}: value-function name {entry.name!r} is also used by "
-                                     f"{entries[entry.name].path}")
-        except AVLibraryError as exc:
-            if not config.lenient:
-                raise
-            logger.warning("vllm-av: value function refused (lenient loading): %s", exc)
-            refused += 1
-            continue
-        entries[entry.name] = entry
-    if not entries:
-        reason = f" ({refused} refused)" if refused else ""
-        raise AVLibraryError(f"{root}: the value-function library holds no value functions{reason}")
-    return [entries[name] for name in sorted(entries)]
+
+    def load_one(directory: Path) -> ValueEntry | None:
+        inside(directory, real_root, LIBRARY)
+        return _load_entry(directory, config, model_dir, hidden_size, real_root) if directory.is_dir() else None
+
+    return scan_entries(root, config, load_one, noun="value function", plural="value functions")
 
 
 def value_library_for(config: AVConfig, model_dir: str | None) -> list[ValueEntry]:
