@@ -56,12 +56,13 @@ class ServedLibrary:
         return frozenset(entry.name for entry in self.value_functions)
 
     def listing(self) -> dict:
-        """The body of ``GET /v1/av``."""
+        """The body of ``GET /v1/av`` (the RE-Control limits only where value functions are served)."""
         return {
             "object": "list",
             "data": [entry.summary() for entry in self.entries],
             "value_functions": [entry.summary() for entry in self.value_functions],
-            "limits": {k: v for k, v in self.config.to_dict().items() if k not in _NOT_LIMITS},
+            "limits": {k: v for k, v in self.config.to_dict().items()
+                       if k not in _NOT_LIMITS and (self.value_functions or not k.startswith("recontrol_"))},
             "lora_requests": self.config.stock_lora,
         }
 
