@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from test_vllm_plugin import ENGINE, LOGPROB_TOL, tokens_and_logprobs
+from test_vllm_server import tokenize
 from vllm_av.cli.server_process import CPU_FLAGS, ServerProcess
 from vllm_av.testing.oracle import oracle_greedy, oracle_tokens
 
@@ -29,8 +31,6 @@ pytestmark = pytest.mark.vllm
 
 VLLM_AV = str(Path(sys.executable).parent / "vllm-av")
 MAX_TOKENS = 10
-LOGPROB_TOL = 1e-3  # as in test_vllm_plugin.py; the all-reduce only reorders float32 sums
-ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=16, gpu_memory_utilization=0.4)
 PROMPTS = ["medical: the patient", "legal: the court said that the contract"]
 MIXES = [None, {"alpha": 1.0}, {"alpha": 0.8, "beta": -0.5, "gamma": 1.7}, {"gamma": -1.0}, {"beta": 2.5}]
 ROWS = [(prompt, mix) for mix in MIXES for prompt in PROMPTS]
@@ -55,12 +55,7 @@ def generate(demo, **parallel):
         outputs = llm.generate([prompt for prompt, _ in ROWS], params, use_tqdm=False)
     finally:
         del llm
-    results = []
-    for output in outputs:
-        completion = output.outputs[0]
-        tokens = list(completion.token_ids)
-        results.append((tokens, [step[t].logprob for step, t in zip(completion.logprobs, tokens)]))
-    return results
+    return [tokens_and_logprobs(output) for output in outputs]
 
 
 def check_against_oracle(demo, results):
@@ -118,8 +113,7 @@ def test_data_parallel_server_with_two_api_servers_matches_oracle(demo, tmp_path
         listings = [requests.get(f"{url}/v1/av", timeout=10).json() for _ in range(4)]  # served by either process
         bad = requests.post(f"{url}/v1/completions", timeout=30, json={
             "model": str(model), "prompt": "x", "max_tokens": 2, "vllm_xargs": {"av": "nope:1"}})
-        prompt_ids = [requests.post(f"{url}/tokenize", json={"model": str(model), "prompt": p}, timeout=10).json()["tokens"]
-                      for p in PROMPTS]
+        prompt_ids = [tokenize(url, str(model), p) for p in PROMPTS]
     for i, response in enumerate(responses):
         assert response.status_code == 200, response.text
         got = response.json()["choices"][0]["token_ids"]
