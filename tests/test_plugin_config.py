@@ -49,14 +49,14 @@ def test_an_av_module_no_lora_layer_carries_is_refused():
     from types import SimpleNamespace
 
     from vllm_av.serving.library import AVEntry
-    from vllm_av.serving.worker.loading import _refuse_unplaced
+    from vllm_av.serving.worker.loading import refuse_unplaced
 
     entry = AVEntry("alpha", "/avs/alpha", 4, ("model.layers.0.self_attn.q_proj",))
     carried = SimpleNamespace(loras={"model.layers.0.self_attn.qkv_proj": object()})
-    _refuse_unplaced([entry], [carried], {"model.layers.0.self_attn.qkv_proj"})
+    refuse_unplaced([entry], [carried], {"model.layers.0.self_attn.qkv_proj"})
     stray = SimpleNamespace(loras={"model.layers.0.self_attn.qkv_proj": object(), "model.layers.0.mlp.experts": object()})
     with pytest.raises(ValueError, match=r"AV 'alpha' \(/avs/alpha\): module model.layers.0.mlp.experts is not a linear layer"):
-        _refuse_unplaced([entry], [stray], {"model.layers.0.self_attn.qkv_proj"})
+        refuse_unplaced([entry], [stray], {"model.layers.0.self_attn.qkv_proj"})
 
 
 def test_the_compile_cache_key_covers_the_library_contents(demo_paths, tmp_path):

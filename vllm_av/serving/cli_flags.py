@@ -48,6 +48,12 @@ def install() -> None:
                            help="Most RE-Control steps n one request may ask for.")
         group.add_argument("--av-recontrol-max-alpha", type=float, default=defaults.recontrol_max_alpha,
                            help="Largest |RE-Control step size α| one request may ask for.")
+        group.add_argument("--av-allow-runtime-updates", action="store_true",
+                           help="Serve POST /v1/av/load and /v1/av/unload: AVs load, unload and are replaced "
+                                "while serving (off by default).")
+        group.add_argument("--av-max-loaded", type=int, default=defaults.max_loaded,
+                           help="With --av-allow-runtime-updates: most AVs loaded at once, fixed at start "
+                                "(default 0: the library's size + 4).")
         return parser
 
     def from_cli_args(cls, args):
@@ -66,7 +72,13 @@ def install() -> None:
                 "recontrol_path": os.path.abspath(args.av_recontrol_path) if args.av_recontrol_path else "",
                 "recontrol_max_steps": args.av_recontrol_max_steps,
                 "recontrol_max_alpha": args.av_recontrol_max_alpha,
+                "allow_runtime_updates": args.av_allow_runtime_updates,
+                "max_loaded": args.av_max_loaded,
             }
+            if args.av_allow_runtime_updates and (getattr(args, "api_server_count", None) or 1) > 1:
+                # each API server would keep its own view of the library
+                raise SystemExit("vllm-av: error: --av-allow-runtime-updates needs one API server "
+                                 f"(got --api-server-count {args.api_server_count})")
             result.additional_config = {**(result.additional_config or {}), CONFIG_KEY: settings}
             # API server processes beyond the first (--api-server-count, which --data-parallel-size
             # defaults to N) re-read these args before this plugin is loaded there: keep the AV

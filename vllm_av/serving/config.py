@@ -13,6 +13,7 @@ from typing import Any
 
 CONFIG_KEY = "av"
 CPU_BLENDS = ("auto", "native", "dense")
+SPARE_SLOTS = 4  # free AV slots beyond the startup library when runtime updates are on and max_loaded is 0
 DEFAULT_MAX_RANK = 64  # --av-max-rank; `vllm-av extract` and `inspect` warn about AVs above it
 
 
@@ -44,6 +45,10 @@ class AVConfig:
         made by ``vllm-av recontrol train``); empty: RE-Control off.
     recontrol_max_steps: most steering steps ``n`` one request may ask for.
     recontrol_max_alpha: largest |step size α| one request may ask for.
+    allow_runtime_updates: serve ``POST /v1/av/load`` and ``/v1/av/unload`` (and the offline
+        :class:`vllm_av.serving.runtime.AVRuntime`): AVs load, unload and are replaced while serving.
+    max_loaded: most AVs loaded at once with runtime updates on (the fixed number of AV slots every
+        layer holds from the start); 0: the startup library's size + :data:`SPARE_SLOTS`.
     """
 
     path: str
@@ -58,6 +63,8 @@ class AVConfig:
     recontrol_path: str = ""
     recontrol_max_steps: int = 200
     recontrol_max_alpha: float = 10.0
+    allow_runtime_updates: bool = False
+    max_loaded: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path:
@@ -74,8 +81,13 @@ class AVConfig:
             raise AVConfigError(f"av.recontrol_path must be a directory path, got {self.recontrol_path!r}")
         if self.cpu_blend not in CPU_BLENDS:
             raise AVConfigError(f"av.cpu_blend must be one of {', '.join(CPU_BLENDS)}; got {self.cpu_blend!r}")
-        if not isinstance(self.lenient, bool):
-            raise AVConfigError(f"av.lenient must be true or false, got {self.lenient!r}")
+        for name in ("lenient", "allow_runtime_updates"):
+            if not isinstance(getattr(self, name), bool):
+                raise AVConfigError(f"av.{name} must be true or false, got {getattr(self, name)!r}")
+        if isinstance(self.max_loaded, bool) or not isinstance(self.max_loaded, int) or self.max_loaded < 0:
+            raise AVConfigError(f"av.max_loaded must be a non-negative integer, got {self.max_loaded!r}")
+        if self.max_loaded and not self.allow_runtime_updates:
+            raise AVConfigError("av.max_loaded needs av.allow_runtime_updates (without it the library is fixed at start)")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "AVConfig":
@@ -99,6 +111,12 @@ class AVConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def capacity(self, library_size: int) -> int:
+        """AV slots per layer: the library's size, or with runtime updates ``max_loaded`` (0: size + spares)."""
+        if not self.allow_runtime_updates:
+            return library_size
+        return self.max_loaded or library_size + SPARE_SLOTS
 
 
 def av_config_from(additional_config: dict[str, Any] | None) -> AVConfig | None:

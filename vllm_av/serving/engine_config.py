@@ -33,6 +33,9 @@ def _refuse_unsupported(engine_args, config) -> None:
     if os.environ.get("VLLM_LORA_ENABLE_DUAL_STREAM", "0").strip() not in ("", "0"):
         # its LoRA path (lora_linear_async) never reaches the layer hook: AVs would be skipped
         raise ValueError("vllm-av: VLLM_LORA_ENABLE_DUAL_STREAM is not supported with AV; unset it")
+    if config.allow_runtime_updates and engine_args.data_parallel_size > 1:
+        raise ValueError(f"vllm-av: --av-allow-runtime-updates is not supported with data parallel "
+                         f"(--data-parallel-size {engine_args.data_parallel_size}); use --tensor-parallel-size")
     speculative = engine_args.speculative_config
     if speculative and config.recontrol_path:
         # steering edits one sampled row per request; verification samples several
@@ -79,9 +82,13 @@ def install() -> None:
             config = dataclasses.replace(config, stock_lora=False)
         entries = library_for(config, local_model_dir(self.model))
         values = value_library_for(config, local_model_dir(self.model))
-        if not config.stock_lora and self.lora_target_modules is None:
+        if config.capacity(len(entries)) < len(entries):
+            raise ValueError(f"vllm-av: --av-max-loaded {config.max_loaded} is below the library's "
+                             f"{len(entries)} AVs ({config.path})")
+        if not config.stock_lora and self.lora_target_modules is None and not config.allow_runtime_updates:
             # wrap only the layers the library touches: MoE experts, lm_head and the embeddings
-            # stay vLLM's own (vLLM's MoE LoRA path has no CPU kernel), and untouched layers cost nothing
+            # stay vLLM's own (vLLM's MoE LoRA path has no CPU kernel), and untouched layers cost nothing.
+            # With runtime updates every LoRA-capable layer is wrapped: a later AV may touch any.
             self.lora_target_modules = target_modules(entries)
         config = dataclasses.replace(config, library_digest=library_digest(entries))
         self.additional_config = {**self.additional_config, CONFIG_KEY: config.to_dict()}

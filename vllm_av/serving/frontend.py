@@ -15,7 +15,9 @@ A request's RE-Control setting (``recontrol``, ``recontrol_alpha``, ``recontrol_
 changes which tokens are sampled, never the KV computed for a given token sequence.
 
 ``GET /v1/av`` lists the served AVs and value functions, beside vLLM's ``GET /v1/models``, and a
-JSON object as ``vllm_xargs.av`` is accepted over HTTP (``serving/http_mix.py``).
+JSON object as ``vllm_xargs.av`` is accepted over HTTP (``serving/http_mix.py``). With
+``--av-allow-runtime-updates``, ``POST /v1/av/load`` and ``/v1/av/unload`` change the library
+while serving (:mod:`.runtime`).
 """
 
 from __future__ import annotations
@@ -23,8 +25,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from fastapi import Request  # the runtime-update routes' parameter type, resolved by FastAPI from this module
+
 from vllm_av.serving import patch_points as points
+from vllm_av.serving import runtime
 from vllm_av.serving.config import AVConfig, av_config_from
+from vllm_av.serving.engine_updates import UPDATE_METHOD, VERSIONS_KEY
 from vllm_av.serving.http_mix import ObjectMixMiddleware
 from vllm_av.serving.library import library_for, local_model_dir
 from vllm_av.serving.mix import MIX_KEY, MixError, mix_to_str, parse_mix
@@ -38,26 +44,53 @@ class AVMixRejected(points.VALIDATION_ERROR.get(), ValueError):
     """A request's AV mix was rejected: HTTP 400 on the server, a ``ValueError`` offline."""
 
 
-_NOT_LIMITS = ("path", "stock_lora", "cpu_blend", "library_digest", "recontrol_path")  # AVConfig fields that are not request limits
+# AVConfig fields that are not request limits
+_NOT_LIMITS = ("path", "stock_lora", "cpu_blend", "library_digest", "recontrol_path", "allow_runtime_updates",
+               "max_loaded")
 
 
 @dataclass
 class ServedLibrary:
+    """The front's view of what is served: what requests may mix, and what ``GET /v1/av`` lists.
+
+    With runtime updates it changes (:meth:`put`, :meth:`drop`) only once every rank has the
+    change; ``updating`` names the AVs an update is changing right now (requests naming them are
+    refused until it is done).
+    """
+
     config: AVConfig
     entries: list
     value_functions: list = field(default_factory=list)
+    model_dir: str | None = None
+    updating: set = field(default_factory=set)
 
-    @property
-    def names(self) -> frozenset[str]:
-        return frozenset(entry.name for entry in self.entries)
+    def __post_init__(self) -> None:
+        self.entries = list(self.entries)
+        self.capacity = self.config.capacity(len(self.entries))  # fixed at start
+        self._index()
+
+    def _index(self) -> None:
+        self.names = frozenset(entry.name for entry in self.entries)
+        self.digests = {entry.name: entry.digest for entry in self.entries}
+
+    def put(self, entry) -> None:
+        """Serve ``entry`` (a runtime load; replaces a loaded AV of the same name)."""
+        self.entries = sorted([e for e in self.entries if e.name != entry.name] + [entry], key=lambda e: e.name)
+        self._index()
+
+    def drop(self, name: str) -> None:
+        """Stop serving AV ``name`` (a runtime unload)."""
+        self.entries = [e for e in self.entries if e.name != name]
+        self._index()
 
     @property
     def value_names(self) -> frozenset[str]:
         return frozenset(entry.name for entry in self.value_functions)
 
     def listing(self) -> dict:
-        """The body of ``GET /v1/av`` (the RE-Control limits only where value functions are served)."""
-        return {
+        """The body of ``GET /v1/av`` (the RE-Control limits only where value functions are served,
+        the slots only where runtime updates are on)."""
+        body = {
             "object": "list",
             "data": [entry.summary() for entry in self.entries],
             "value_functions": [entry.summary() for entry in self.value_functions],
@@ -65,6 +98,9 @@ class ServedLibrary:
                        if k not in _NOT_LIMITS and (self.value_functions or not k.startswith("recontrol_"))},
             "lora_requests": self.config.stock_lora,
         }
+        if self.config.allow_runtime_updates:
+            body["runtime_updates"] = {"max_loaded": self.capacity, "loaded": len(self.entries)}
+        return body
 
 
 _served: ServedLibrary | None = None
@@ -77,7 +113,11 @@ def admit(params, served: ServedLibrary | None) -> tuple:
         return ()
     if served is None:
         raise MixError("this server does not serve AVs (start it with --enable-av --av-path DIR)")
-    return parse_mix(extra[MIX_KEY], served.names, served.config)
+    mix = parse_mix(extra[MIX_KEY], served.names | served.updating, served.config)
+    for name, _ in mix:
+        if name in served.updating:
+            raise MixError(f"av {name!r} is being loaded, replaced or unloaded right now; retry")
+    return mix
 
 
 def admit_recontrol(params, served: ServedLibrary | None):
@@ -91,13 +131,21 @@ def admit_recontrol(params, served: ServedLibrary | None):
     return parse_recontrol(extra, served.value_names, served.config)
 
 
-def canonicalise(extra: dict, mix: tuple, setting) -> str | None:
-    """Leave the canonical mix and RE-Control setting in ``extra``; the prefix-cache salt for the mix."""
+def canonicalise(extra: dict, mix: tuple, setting, served: ServedLibrary | None) -> str | None:
+    """Leave the canonical mix and RE-Control setting in ``extra``; the prefix-cache salt for the mix.
+
+    The salt names each AV's files digest, so KV computed with other weights under the same name
+    (an AV replaced at runtime, or a library changed between runs) is never reused. With runtime
+    updates the digests also travel in ``extra`` for the engine core's check (:mod:`.engine_updates`).
+    """
     salt = None
     if MIX_KEY in extra:
         if mix:
             extra[MIX_KEY] = [list(pair) for pair in mix]
-            salt = f"av:{mix_to_str(mix)}"
+            digests = {name: served.digests.get(name, "") for name, _ in mix}
+            salt = f"av:{mix_to_str(mix)}|{','.join(digests.values())}"
+            if served.config.allow_runtime_updates:
+                extra[VERSIONS_KEY] = digests
         else:
             del extra[MIX_KEY]
     for key in (ALPHA_KEY, STEPS_KEY, RECONTROL_KEY):
@@ -119,7 +167,7 @@ def _install_input_processor() -> None:
         if config is not None:
             model_dir = local_model_dir(vllm_config.model_config.model)
             entries = library_for(config, model_dir)
-            self._vllm_av = _served = ServedLibrary(config, entries, value_library_for(config, model_dir))
+            self._vllm_av = _served = ServedLibrary(config, entries, value_library_for(config, model_dir), model_dir)
 
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
         served = getattr(self, "_vllm_av", None)
@@ -138,7 +186,7 @@ def _install_input_processor() -> None:
         request = original_process(self, request_id, prompt, params, *args, **kwargs)
         sampling = request.sampling_params
         if sampling is not None and isinstance(sampling.extra_args, dict):
-            salt = canonicalise(sampling.extra_args, mix, setting)
+            salt = canonicalise(sampling.extra_args, mix, setting, served)
             if salt:
                 request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
         return request
@@ -163,8 +211,39 @@ def _install_beam_search_guard() -> None:
         point.replace(to_beam_search_params)
 
 
+def _error(status: int, message: str):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": {"message": message, "code": status}}, status_code=status)
+
+
+async def _run_update(raw_request, flow):
+    """Run a runtime-update ``flow(body, call)`` for an HTTP request; a refusal is its status + message."""
+    from fastapi.responses import JSONResponse
+
+    try:
+        body = await raw_request.json()
+    except ValueError:
+        return _error(400, "the body must be a JSON object")
+    if not isinstance(body, dict):
+        return _error(400, "the body must be a JSON object")
+    engine_core = raw_request.app.state.engine_client.engine_core
+
+    async def call(*args):
+        return await engine_core.call_utility_async(UPDATE_METHOD, *args)
+
+    try:
+        return JSONResponse(await flow(body, call))
+    except runtime.AVUpdateError as exc:
+        return _error(exc.status, str(exc))
+    except Exception as exc:  # noqa: BLE001 -- an engine failure: say so, keep serving
+        logger.exception("vllm-av: runtime AV update failed")
+        return _error(500, f"the AV update failed in the engine: {exc}")
+
+
 def _install_listing_route() -> None:
-    """Add ``GET /v1/av`` and the object-mix middleware wherever vLLM attaches its ``/v1/models`` router."""
+    """Add ``GET /v1/av``, ``POST /v1/av/load`` and ``/v1/av/unload``, and the object-mix middleware,
+    wherever vLLM attaches its ``/v1/models`` router."""
     from fastapi import APIRouter
     from fastapi.responses import JSONResponse
 
@@ -173,8 +252,17 @@ def _install_listing_route() -> None:
     @router.get("/v1/av")
     async def list_avs():
         if _served is None:
-            return JSONResponse({"error": {"message": "AV serving is not enabled", "code": 404}}, status_code=404)
+            return _error(404, "AV serving is not enabled")
         return JSONResponse(_served.listing())
+
+    @router.post("/v1/av/load")
+    async def load_av(raw_request: Request):
+        return await _run_update(raw_request, lambda body, call: runtime.load(
+            _served, call, body.get("name"), body.get("path"), body.get("replace", False)))
+
+    @router.post("/v1/av/unload")
+    async def unload_av(raw_request: Request):
+        return await _run_update(raw_request, lambda body, call: runtime.unload(_served, call, body.get("name")))
 
     original_attach = points.ATTACH_ROUTER.get()
 

@@ -50,6 +50,7 @@ class AVEntry:
     description: str = ""
     compatibility: str = "unknown"
     metadata: dict = field(default_factory=dict, compare=False, hash=False)
+    digest: str = ""  # of the AV's files (:func:`files_digest`): which weights a request's KV was computed with
 
     def summary(self) -> dict:
         """What the listing endpoint shows for this AV."""
@@ -60,6 +61,7 @@ class AVEntry:
             "description": self.description,
             "compatibility": self.compatibility,
             "path": self.path,
+            "digest": self.digest,
         }
 
 
@@ -167,7 +169,8 @@ def inside(path: Path, real_root: Path, library: str = "AV library") -> Path:
     return path
 
 
-def _load_entry(directory: Path, config: AVConfig, model_shapes, model_dir: str | None, real_root: Path) -> AVEntry:
+def _load_entry(directory: Path, config: AVConfig, model_shapes, model_dir: str | None, real_root: Path,
+                name: str | None = None) -> AVEntry:
     adapter_config = inside(directory / ADAPTER_CONFIG, real_root)
     weights = inside(directory / ADAPTER_WEIGHTS, real_root)
     if not weights.is_file():
@@ -185,7 +188,7 @@ def _load_entry(directory: Path, config: AVConfig, model_shapes, model_dir: str 
     max_scaling = _check_scaling(adapter_config, peft)
     av_json = inside(directory / AV_JSON, real_root)
     meta = _read_json(av_json) if av_json.is_file() else {}
-    name = meta.get("name") or directory.name
+    name = name or meta.get("name") or directory.name
     if not isinstance(name, str) or not NAME_RE.fullmatch(name) or len(name) > config.max_name_length:
         raise _fail(directory / (AV_JSON if meta else ""), f"AV name {name!r} must be 1-{config.max_name_length} characters of [A-Za-z0-9_.-]")
     rank, modules = _check_tensors(weights, config, model_shapes, max_scaling)
@@ -207,6 +210,7 @@ def _load_entry(directory: Path, config: AVConfig, model_shapes, model_dir: str 
         description=str(meta.get("description", "")),
         compatibility=compatibility,
         metadata=meta,
+        digest=files_digest(directory),
     )
 
 
@@ -235,14 +239,14 @@ def load_library(path: str, config: AVConfig, model_dir: str | None = None) -> l
     real_root = root.resolve()
     return scan_entries(root, config, lambda d: _scan(d, config, model_shapes,
                                                       model_dir if model_shapes is not None else None, real_root),
-                        noun="AV", plural="adapters")
+                        noun="AV", plural="adapters", allow_empty=config.allow_runtime_updates)
 
 
-def scan_entries(root: Path, config: AVConfig, load_one, noun: str, plural: str) -> list:
+def scan_entries(root: Path, config: AVConfig, load_one, noun: str, plural: str, allow_empty: bool = False) -> list:
     """``load_one(directory)`` for every entry of the library ``root`` (None: not an entry), sorted by name.
 
     Names must be unique; with ``config.lenient`` an entry that raises :class:`AVLibraryError` is
-    refused with a warning and the rest are kept; an empty result is an error. ``noun``/``plural``
+    refused with a warning and the rest are kept; an empty result is an error unless ``allow_empty``. ``noun``/``plural``
     name what the library holds in messages ("AV"/"adapters")."""
     label = noun.replace(" ", "-")
     entries: dict = {}
@@ -260,7 +264,7 @@ def scan_entries(root: Path, config: AVConfig, load_one, noun: str, plural: str)
             continue
         if entry is not None:
             entries[entry.name] = entry
-    if not entries:
+    if not entries and not allow_empty:
         reason = f" ({refused} refused)" if refused else ""
         raise AVLibraryError(f"{root}: the {label} library holds no {plural}{reason}")
     return [entries[name] for name in sorted(entries)]
@@ -281,27 +285,50 @@ def local_model_dir(model: str) -> str | None:
     return model if model and Path(model).is_dir() else None
 
 
+def files_digest(directory: Path) -> str:
+    """A digest of an AV directory's files (every file's name and bytes, in order)."""
+    digest = hashlib.blake2b(digest_size=8)
+    for file in sorted(p for p in Path(directory).iterdir() if p.is_file()):
+        digest.update(file.name.encode() + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def library_digest(entries: Sequence[AVEntry]) -> str:
-    """A digest of the served library's files (names, and every file's bytes, in order).
+    """A digest of the served library (every AV's name and :func:`files_digest`, in order).
 
     It goes into ``additional_config``, which vLLM hashes into its compile-cache key: a graph
     compiled for one library is never reused for another under the same path.
     """
     digest = hashlib.blake2b(digest_size=16)
     for entry in entries:
-        digest.update(entry.name.encode() + b"\0")
-        for file in sorted(p for p in Path(entry.path).iterdir() if p.is_file()):
-            digest.update(file.name.encode() + b"\0")
-            with open(file, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
+        digest.update(f"{entry.name}\0{entry.digest}\0".encode())
     return digest.hexdigest()
+
+
+def load_av(path: str, name: str, config: AVConfig, model_dir: str | None = None) -> AVEntry:
+    """Validate one AV directory loaded at runtime, under ``name``, as the library's AVs are at start.
+
+    No file may be read through a link out of ``path`` itself.
+    """
+    directory = Path(path)
+    if not directory.is_dir():
+        raise AVLibraryError(f"{directory}: AV directory not found")
+    if not (directory / ADAPTER_CONFIG).is_file():
+        raise _fail(directory / ADAPTER_CONFIG, "missing (an AV is a PEFT LoRA adapter directory)")
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or len(name) > config.max_name_length:
+        raise AVLibraryError(f"AV name {name!r} must be 1-{config.max_name_length} characters of [A-Za-z0-9_.-]")
+    model_shapes = _model_weight_shapes(model_dir) if model_dir and Path(model_dir).is_dir() else None
+    return _load_entry(directory, config, model_shapes, model_dir if model_shapes is not None else None,
+                       directory.resolve(), name=name)
 
 
 def library_for(config: AVConfig, model_dir: str | None) -> list[AVEntry]:
     """:func:`load_library` once per process for the same settings and model (cached)."""
     # Everything load_library's checks depend on (not max_per_request/max_abs_scale/stock_lora).
-    key = (config.path, config.max_rank, config.max_name_length, config.lenient, model_dir)
+    key = (config.path, config.max_rank, config.max_name_length, config.lenient, config.allow_runtime_updates, model_dir)
     if key not in _libraries:
         _libraries[key] = load_library(config.path, config, model_dir=model_dir)
     return _libraries[key]

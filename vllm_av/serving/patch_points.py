@@ -94,7 +94,7 @@ ENGINE_CREATE_CONFIG = _p(_ARGS, "EngineArgs.create_engine_config", "patch", ["s
 ENGINE_FIELDS = tuple(
     _p(_ARGS, f"EngineArgs.{field}", "read")
     for field in ("additional_config", "enable_lora", "max_loras", "max_lora_rank", "fully_sharded_loras",
-                  "lora_target_modules", "speculative_config", "model")
+                  "lora_target_modules", "speculative_config", "model", "data_parallel_size")
 )
 # the runner choice, read by the tests (vllm-av leaves it to vLLM)
 USE_V2_MODEL_RUNNER_PROPERTY = _p("vllm.config.vllm", "VllmConfig.use_v2_model_runner", "read", series=("0.32", "0.33"))
@@ -104,6 +104,20 @@ MODEL_HF_CONFIG = tuple(_p(module, f"{owner}.{field}", "read") for module, owner
     ("vllm.config.vllm", "VllmConfig", "device_config"), ("vllm.config.device", "DeviceConfig", "device_type")))
 ENGINE_CORE_SLEEP = _p("vllm.v1.engine.core", "EngineCore.sleep", "patch", ["self", "level"])
 ENGINE_CORE_CONFIG = _p("vllm.v1.engine.core", "EngineCore.vllm_config", "read")
+
+# --- runtime AV updates (serving/engine_updates.py, serving/runtime.py) ---
+_CORE = "vllm.v1.engine.core"
+ENGINE_CORE = _p(_CORE, "EngineCore", "read")  # gains the vllm_av_update utility
+ENGINE_CORE_ADD_REQUEST = _p(_CORE, "EngineCore.add_request", "patch", ["self", "request"])
+ENGINE_CORE_COLLECTIVE_RPC = _p(_CORE, "EngineCore.collective_rpc", "call", ["self", "method", "timeout", "args"])
+ENGINE_CORE_SCHEDULER = _p(_CORE, "EngineCore.scheduler", "read")
+SCHEDULER_REQUESTS = _p("vllm.v1.core.sched.scheduler", "Scheduler.requests", "read")
+SEND_ERROR_OUTPUTS = _p(_CORE, "EngineCoreProc._send_error_outputs_to_client", "call", ["self", "req_ids", "client_index"])
+CALL_UTILITY = _p("vllm.v1.engine.core_client", "SyncMPClient.call_utility", "call", ["self", "method"])
+CALL_UTILITY_ASYNC = _p("vllm.v1.engine.core_client", "AsyncMPClient.call_utility_async", "call", ["self", "method"])
+ENGINE_CLIENTS = (_p("vllm.v1.engine.async_llm", "AsyncLLM.engine_core", "read"),
+                  _p("vllm.v1.engine.llm_engine", "LLMEngine.engine_core", "read"),
+                  _p("vllm.v1.engine.llm_engine", "LLMEngine.input_processor", "read"))
 
 # --- frontend: request admission, listing route (serving/frontend.py) ---
 VALIDATION_ERROR = _p("vllm.exceptions", "VLLMValidationError", "call")
@@ -191,6 +205,8 @@ ARG_PARSER = _p("vllm.utils.argparse_utils", "FlexibleArgumentParser", "call")
 ALL = (
     ENGINE_ADD_CLI_ARGS, ENGINE_FROM_CLI_ARGS, ENGINE_CREATE_CONFIG, *ENGINE_FIELDS, USE_V2_MODEL_RUNNER_PROPERTY,
     *MODEL_HF_CONFIG, ENGINE_CORE_SLEEP, ENGINE_CORE_CONFIG,
+    ENGINE_CORE, ENGINE_CORE_ADD_REQUEST, ENGINE_CORE_COLLECTIVE_RPC, ENGINE_CORE_SCHEDULER, SCHEDULER_REQUESTS,
+    SEND_ERROR_OUTPUTS, CALL_UTILITY, CALL_UTILITY_ASYNC, *ENGINE_CLIENTS,
     VALIDATION_ERROR, INPUT_PROCESSOR_INIT, PROCESS_INPUTS, COMPLETION_BEAM_SEARCH, CHAT_BEAM_SEARCH, ATTACH_ROUTER,
     LOAD_LORA_MODEL, SET_LORA_MAPPING, LORA_MANAGER, SET_ACTIVE_LORAS, V1_REQUESTS,
     MRV2_ADD_REQUESTS, MRV2_REMOVE_REQUEST, MRV2_FINISH_REQUESTS, MRV2_PREPARE_INPUTS, *MRV2_INPUT_BATCH_FIELDS,

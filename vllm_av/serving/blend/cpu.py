@@ -65,14 +65,24 @@ class CPUBlend:
     """``y += ((x @ A_cat.T) * coef) @ B_cat`` for one layer, weights laid out once at load."""
 
     def __init__(self, lora_a: torch.Tensor, lora_b: torch.Tensor, out_slices: list[int], use_onednn: bool = True):
-        a_cat, b_cat = dense_weights(lora_a, lora_b, out_slices)
+        self.lora_a, self.lora_b, self.out_slices = lora_a, lora_b, out_slices
         self.rank = lora_a.shape[2]
         self.ops = _onednn() if use_onednn else None
+        self._lay_out()
+
+    def _lay_out(self) -> None:
+        a_cat, b_cat = dense_weights(self.lora_a, self.lora_b, self.out_slices)
         if self.ops is None:
             self.a_cat, self.b_cat = a_cat, b_cat
         else:  # oneDNN packs its own copy; the handlers take [K, N]
             self.shrink = self.ops.create_onednn_mm(a_cat.t(), 32)
             self.expand = self.ops.create_onednn_mm(b_cat, 32)
+
+    def write_slot(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int) -> None:
+        """Replace AV ``slot``'s weights (``lora_a [S, R, in]``, ``lora_b [OUT, R]``) and lay them out again."""
+        self.lora_a[:, slot].copy_(lora_a)
+        self.lora_b[slot].copy_(lora_b)
+        self._lay_out()
 
     def __call__(self, y: torch.Tensor, x: torch.Tensor, coef: torch.Tensor) -> None:
         """Add the blend for ``coef [T, N]`` (see :class:`vllm_av.serving.worker.tables.AVTables`) to ``y``."""
@@ -112,6 +122,7 @@ class NativeCPUBlend:
             offset += width
         self.b = torch.cat(parts).to(torch.float32).contiguous()
         self.rank_of = np.ascontiguousarray(ranks, dtype=np.int32)
+        self.rank, self.out_slices = max_rank, list(out_slices)
         self.out_size = np.ascontiguousarray(out_slices, dtype=np.int64)
         self.weights = AVWeights(
             self.a.data_ptr(), self.b.data_ptr(), self.rank_of.ctypes.data, self.out_size.ctypes.data,
@@ -119,6 +130,17 @@ class NativeCPUBlend:
         )
         self._weights_ref = ctypes.byref(self.weights)
         self._table_pointers = None  # (tables, index pointer, scale pointer, width) of the last from_tables
+
+    def write_slot(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int) -> None:
+        """Replace AV ``slot``'s weights in place (``lora_a [S, R, in]``, ``lora_b [OUT, R]``; ``rank``
+        rows used, 0: the slot is empty); the kernel keeps reading the same buffers."""
+        self.a[slot].copy_(lora_a)
+        num_avs, offset, start = self.a.shape[0], 0, 0
+        for width in self.out_slices:
+            part = self.b[start : start + num_avs * self.rank * width].view(num_avs, self.rank, width)
+            part[slot].copy_(lora_b[offset : offset + width].t())
+            offset, start = offset + width, start + num_avs * self.rank * width
+        self.rank_of[slot] = rank
 
     def __call__(self, y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, scale: torch.Tensor) -> None:
         """Add the blend of ``index/scale [T, M]`` (int32 / float32, contiguous) to ``y [T, OUT]``."""

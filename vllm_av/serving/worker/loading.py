@@ -7,6 +7,10 @@ tensor-parallel slicing are vLLM's) into per-layer buffers: on CUDA ``_av_a [S, 
 blend (``_av_cpu_blend``: the C kernel or the dense GEMMs, :mod:`vllm_av.serving.blend.cpu`).
 They are separate from vLLM's LoRA slots, which vLLM wipes after warm-up, and keep fixed
 addresses for CUDA graphs. Every wrapped layer reads the runner's :class:`AVTables`.
+
+With runtime updates on (``av.allow_runtime_updates``) every LoRA-capable linear layer gets a
+fixed number of AV slots (``AVConfig.capacity``) of the server's max rank from the start, and
+:func:`write_slot` rewrites one slot in place (:mod:`.runtime`).
 """
 
 from __future__ import annotations
@@ -27,14 +31,13 @@ from vllm_av.serving.worker.tables import AVTables, AVWorkerState
 logger = logging.getLogger("vllm.av")
 
 
-def attach_layer(layer, weights: list, tables: AVTables, ranks: list[int], cpu_kernel=None) -> None:
-    """Load ``weights`` (one vLLM ``LoRALayerWeights`` or None per AV) into ``layer``'s AV buffers.
+def layer_stacks(layer, weights: list, rank: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """``(lora_a [S, N, R, in], lora_b [N, OUT, R], out_slices)`` of ``weights`` (one vLLM
+    ``LoRALayerWeights`` or None per AV) as ``layer`` holds them on this rank.
 
     Uses the layer's own ``set_lora`` on temporary stacks, so vLLM's slicing and packing apply.
-    ``ranks``: each AV's rank (buffers are padded to the largest); ``cpu_kernel``: the C blend
-    kernel for CPU layers (None: dense).
     """
-    num_avs, rank = len(weights), max(ranks)
+    num_avs = len(weights)
     dtype, device = layer.lora_a_stacked[0].dtype, layer.lora_a_stacked[0].device
     stacks_a = tuple(torch.zeros(num_avs, 1, rank, a.shape[3], dtype=dtype, device=device) for a in layer.lora_a_stacked)
     stacks_b = tuple(torch.zeros(num_avs, 1, b.shape[2], rank, dtype=dtype, device=device) for b in layer.lora_b_stacked)
@@ -48,8 +51,17 @@ def attach_layer(layer, weights: list, tables: AVTables, ranks: list[int], cpu_k
         layer.lora_a_stacked, layer.lora_b_stacked = saved
     lora_a = torch.stack([a[:, 0] for a in stacks_a]).contiguous()  # [S, N, R, in]
     lora_b = torch.cat([b[:, 0] for b in stacks_b], dim=1)  # [N, OUT, R], what the CUDA kernel reads best
-    slices = [b.shape[2] for b in stacks_b]
-    if device.type != "cpu":
+    return lora_a, lora_b, [b.shape[2] for b in stacks_b]
+
+
+def attach_layer(layer, weights: list, tables: AVTables, ranks: list[int], rank: int, cpu_kernel=None) -> None:
+    """Load ``weights`` (one vLLM ``LoRALayerWeights`` or None per AV slot) into ``layer``'s AV buffers.
+
+    ``ranks``: each slot's AV rank; ``rank``: the buffers' rank (at least the largest);
+    ``cpu_kernel``: the C blend kernel for CPU layers (None: dense).
+    """
+    lora_a, lora_b, slices = layer_stacks(layer, weights, rank)
+    if lora_a.device.type != "cpu":
         layer._av_a, layer._av_b, layer._av_slices = lora_a, lora_b, slices
         layer._av_cpu_blend = None
     elif tables.dense:
@@ -58,6 +70,20 @@ def attach_layer(layer, weights: list, tables: AVTables, ranks: list[int], cpu_k
         layer_ranks = [r if w is not None else 0 for r, w in zip(ranks, weights)]
         layer._av_cpu_blend = NativeCPUBlend(cpu_kernel, lora_a, lora_b, slices, layer_ranks)
     layer._av_tables = tables
+
+
+def write_slot(layer, slot: int, weight, rank: int) -> None:
+    """Overwrite AV slot ``slot`` of ``layer`` in place with ``weight`` (None: zeros) of rank ``rank``.
+
+    The buffers keep their shapes and addresses, so compiled graphs and CUDA graphs stay valid.
+    """
+    buffer_rank = layer._av_a.shape[2] if layer._av_cpu_blend is None else layer._av_cpu_blend.rank
+    lora_a, lora_b, _ = layer_stacks(layer, [weight], buffer_rank)
+    if layer._av_cpu_blend is None:
+        layer._av_a[:, slot].copy_(lora_a[:, 0])
+        layer._av_b[slot].copy_(lora_b[0])
+    else:
+        layer._av_cpu_blend.write_slot(slot, lora_a[:, 0], lora_b[0], rank if weight is not None else 0)
 
 
 def load_lora_model(runner, entry: AVEntry, lora_id: int):
@@ -83,10 +109,10 @@ def load_lora_model(runner, entry: AVEntry, lora_id: int):
     return lora
 
 
-def _refuse_unplaced(entries: Sequence[AVEntry], lora_models: list, attached: set[str]) -> None:
+def refuse_unplaced(entries: Sequence[AVEntry], lora_models: list, attached) -> None:
     """Raise if a module of an AV found no linear LoRA layer to carry it (it would be silently dropped)."""
     for entry, lora_model in zip(entries, lora_models):
-        unplaced = sorted(set(lora_model.loras) - attached)
+        unplaced = sorted(set(lora_model.loras) - set(attached))
         if unplaced:
             more = f" (and {len(unplaced) - 1} more)" if len(unplaced) > 1 else ""
             raise ValueError(f"vllm-av: AV {entry.name!r} ({entry.path}): module {unplaced[0]}{more} is not a linear "
@@ -98,25 +124,28 @@ def install(runner, model, vllm_config, entries: Sequence[AVEntry], config: AVCo
     linear_lora = points.BASE_LINEAR_LORA.get()
     manager = runner.lora_manager._adapter_manager
     lora_models = [load_lora_model(runner, entry, lora_id=i + 1) for i, entry in enumerate(entries)]
-    ranks = [entry.rank for entry in entries]
-    rank = max(ranks)
+    capacity = config.capacity(len(entries))  # AV slots: the library, and free ones for runtime loads
+    free = capacity - len(entries)
+    ranks = [entry.rank for entry in entries] + [0] * free
+    # with runtime updates, every slot can hold an AV of the largest rank the server accepts
+    rank = config.max_rank if config.allow_runtime_updates else max(ranks)
     device = next(iter(model.parameters())).device
     max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
     cpu_form, cpu_kernel = choose_cpu_blend(config.cpu_blend) if device.type == "cpu" else (None, None)
-    tables = AVTables(max_tokens, config.max_per_request, len(entries), device, dense=cpu_form == "dense")
-    layers, max_slices, attached = 0, 0, set()
+    tables = AVTables(max_tokens, config.max_per_request, capacity, device, dense=cpu_form == "dense")
+    layers, max_slices, attached = 0, 0, {}
     for name, layer in manager.modules.items():
         layer._av_skip_stock_lora = not config.stock_lora  # read by the layer hooks
         if not isinstance(layer, linear_lora):
             continue
-        weights = [manager._get_lora_layer_weights(lora_model, name) for lora_model in lora_models]
-        if any(w is not None for w in weights):
-            attach_layer(layer, weights, tables, ranks, cpu_kernel)
+        weights = [manager._get_lora_layer_weights(lora_model, name) for lora_model in lora_models] + [None] * free
+        if config.allow_runtime_updates or any(w is not None for w in weights):
+            attach_layer(layer, weights, tables, ranks, rank, cpu_kernel)
             layers, max_slices = layers + 1, max(max_slices, len(layer.lora_b_stacked))
-            attached.add(name)
+            attached[name] = layer
         if device.type == "cpu" and not config.stock_lora and layer.tp_size == 1:
             use_base_forward(layer)
-    _refuse_unplaced(entries, lora_models, attached)
+    refuse_unplaced(entries, lora_models, attached)
     if layers == 0:
         raise ValueError("vllm-av: no AV in the library matches a LoRA-capable layer of this model")
     if device.type == "cuda":
@@ -126,13 +155,18 @@ def install(runner, model, vllm_config, entries: Sequence[AVEntry], config: AVCo
     if impl == "triton":  # the kernel's scratch, sized now: nothing may allocate in a graph capture
         from vllm_av.kernels.blend import reserve_scratch
 
-        reserve_scratch(device, max_tokens, max_slices, len(entries))
+        reserve_scratch(device, max_tokens, max_slices, capacity)
     logger.info(
         "vllm-av: %d AVs (max rank %d) on %d layers; up to %d per request; blend implementation: %s",
         len(entries), rank, layers, config.max_per_request, impl,
     )
+    if config.allow_runtime_updates:
+        logger.info("vllm-av: runtime updates on: %d AV slots of rank %d on every LoRA-capable linear layer",
+                    capacity, rank)
     # Without stock LoRA, and when the hooks skip the LoRA math of every wrapped layer kind,
     # nothing reads vLLM's per-step LoRA mapping: the runner hook stops building it.
     skippable = (linear_lora, points.LOGITS_LORA.get(), points.EMBEDDING_LORA.get())
     needs_mapping = config.stock_lora or not all(isinstance(m, skippable) for m in manager.modules.values())
-    return AVWorkerState(entries, config, tables, vllm_config.scheduler_config.max_num_seqs, needs_mapping)
+    state = AVWorkerState(entries, config, tables, vllm_config.scheduler_config.max_num_seqs, needs_mapping)
+    state.layers = attached
+    return state

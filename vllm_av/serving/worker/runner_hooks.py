@@ -40,6 +40,7 @@ from vllm_av.serving.config import av_config_from
 from vllm_av.serving.library import library_for, local_model_dir
 from vllm_av.serving.value_library import value_library_for
 from vllm_av.serving.worker.loading import install as install_av
+from vllm_av.serving.worker.runtime import RuntimeSlots
 from vllm_av.serving.worker.steering import install_steering
 
 logger = logging.getLogger("vllm.av")
@@ -57,7 +58,10 @@ def _install_load_hook() -> None:
         config = av_config_from(vllm_config.additional_config)
         if config is not None:
             model_dir = local_model_dir(vllm_config.model_config.model)
-            self._vllm_av = install_av(self, model, vllm_config, library_for(config, model_dir), config)
+            entries = library_for(config, model_dir)
+            self._vllm_av = install_av(self, model, vllm_config, entries, config)
+            if config.allow_runtime_updates:
+                self._vllm_av.runtime = RuntimeSlots(self, self._vllm_av, config.capacity(len(entries)))
             values = value_library_for(config, model_dir)
             if values:
                 self._vllm_av.steering = install_steering(model, values, vllm_config.scheduler_config.max_num_seqs)

@@ -127,6 +127,9 @@ class AVWorkerState:
         # req_id -> an object with ``.sampling_params``, for runners that keep none (Model Runner V2)
         self.requests: dict = {}
         self.steering = None  # a worker.steering.Steering when RE-Control is on: armed every step
+        self.layers: dict = {}  # module name -> the LoRA layer holding AV buffers (set by the loader)
+        self.runtime = None  # a worker.runtime.RuntimeSlots when runtime updates are on
+        self._stale = False  # the library changed: mixes must be resolved again before the next step
         self._capacity = max(4 * max_live_mixes, 64)  # > 2x the live requests: room after compaction
         self._last_ids: list[str] = []  # the last update's batch (see update)
         self._last_counts = b""
@@ -170,13 +173,24 @@ class AVWorkerState:
                 logger.error("vllm-av: request %s: %s; serving it without AV", req_id, exc)
         self._req_row[req_id] = self._row_for_mix(mix)
 
+    def set_slot(self, name: str, slot: int | None) -> None:
+        """Runtime updates: AV ``name`` now lives in ``slot`` (None: unloaded). Takes effect at the next step."""
+        if slot is None:
+            self.name_to_index.pop(name, None)
+        else:
+            self.name_to_index[name] = slot
+        self._stale = True
+
     def _compact(self, requests: dict) -> None:
-        """Forget finished requests and the mixes only they used."""
+        """Forget finished requests and the mixes only they used (and mixes of AVs no longer loaded)."""
         live = {rid: row for rid, row in self._req_row.items() if rid in requests}
         mixes = {row: mix for mix, row in self._mix_row.items()}
         self._reset_pool()
         for rid, row in live.items():
-            self._req_row[rid] = self._row_for_mix(mixes[row])
+            mix = mixes[row]
+            if all(name in self.name_to_index for name, _ in mix):
+                self._req_row[rid] = self._row_for_mix(mix)
+            # else: the request finished before its AV was unloaded (the engine refuses unloads in use)
 
     def update(self, req_ids: Sequence[str], num_scheduled_tokens: np.ndarray, requests: dict) -> None:
         """Fill the tables for a batch: request ``req_ids[i]`` owns ``num_scheduled_tokens[i]`` rows.
@@ -188,6 +202,9 @@ class AVWorkerState:
         if self.steering is not None:
             self.steering.prepare(req_ids, requests)
         counts = num_scheduled_tokens.tobytes()
+        if self._stale:  # the library changed since the last step: resolve every mix again
+            self._stale, self._last_ids = False, []
+            self._compact(requests)
         if req_ids == self._last_ids and counts == self._last_counts:
             return
         self._last_ids, self._last_counts = list(req_ids), counts

@@ -1,0 +1,101 @@
+"""Worker side of runtime AV updates: load, replace and unload AVs in fixed slots, in two phases.
+
+The engine core (:mod:`vllm_av.serving.engine_updates`) drives every rank through vLLM's
+``collective_rpc`` with the module-level functions below (each gets the worker first):
+
+1. :func:`prepare_av` -- load the AV with vLLM's LoRA loader and slice it for this rank's layers,
+   without touching any buffer (a bad AV fails here, on every rank alike, and nothing changed);
+2. :func:`commit_av` -- write the prepared weights into their slot, in place, and point the name
+   at it; or :func:`discard_av` -- forget them;
+3. :func:`unload_av` -- zero the slot and forget the name.
+
+The engine core calls them between engine steps, so a step sees the old library or the new one,
+never a mix. Slots are chosen here, identically on every rank (the same calls in the same order).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+from vllm_av.serving.library import AVEntry
+from vllm_av.serving.worker.loading import load_lora_model, refuse_unplaced, write_slot
+
+logger = logging.getLogger("vllm.av")
+
+_lora_ids = itertools.count(1_000_000)  # ids for vLLM's LoRAModel objects (never registered with vLLM)
+
+
+class RuntimeSlots:
+    """The AV slots of one model runner: which slot each loaded AV holds, and loads in flight."""
+
+    def __init__(self, runner, state, capacity: int):
+        self.runner = runner
+        self.state = state
+        self.capacity = capacity
+        self.pending: dict[str, tuple[int, int, dict]] = {}  # name -> (slot, rank, {layer name: weights})
+
+    def _free_slot(self) -> int:
+        used = set(self.state.name_to_index.values()) | {slot for slot, _, _ in self.pending.values()}
+        free = [slot for slot in range(self.capacity) if slot not in used]
+        if not free:
+            raise ValueError(f"vllm-av: all {self.capacity} AV slots are in use")
+        return free[0]
+
+    def prepare(self, entry: AVEntry) -> int:
+        """Load ``entry`` for this rank's layers; return the slot it will take (its own when replacing)."""
+        lora_model = load_lora_model(self.runner, entry, lora_id=next(_lora_ids))
+        refuse_unplaced([entry], [lora_model], self.state.layers)
+        manager = self.runner.lora_manager._adapter_manager
+        weights = {name: manager._get_lora_layer_weights(lora_model, name) for name in self.state.layers}
+        slot = self.state.name_to_index.get(entry.name)
+        if slot is None:
+            slot = self._free_slot()
+        self.pending[entry.name] = (slot, entry.rank, weights)
+        return slot
+
+    def commit(self, name: str) -> int:
+        """Write the prepared AV ``name`` into its slot and serve it from the next step on."""
+        slot, rank, weights = self.pending.pop(name)
+        for layer_name, layer in self.state.layers.items():
+            write_slot(layer, slot, weights[layer_name], rank)
+        self.state.set_slot(name, slot)
+        return slot
+
+    def discard(self, name: str) -> None:
+        self.pending.pop(name, None)
+
+    def unload(self, name: str) -> int:
+        """Forget AV ``name`` and zero its slot."""
+        slot = self.state.name_to_index[name]
+        self.state.set_slot(name, None)
+        for layer in self.state.layers.values():
+            write_slot(layer, slot, None, 0)
+        return slot
+
+
+def _slots(worker) -> RuntimeSlots:
+    state = getattr(worker.model_runner, "_vllm_av", None)
+    if state is None or state.runtime is None:
+        raise RuntimeError("vllm-av: this worker serves no AVs with runtime updates on")
+    return state.runtime
+
+
+def prepare_av(worker, entry: dict) -> int:
+    """collective_rpc target: :meth:`RuntimeSlots.prepare` for ``AVEntry(**entry)``."""
+    return _slots(worker).prepare(AVEntry(**entry))
+
+
+def commit_av(worker, name: str) -> int:
+    """collective_rpc target: :meth:`RuntimeSlots.commit`."""
+    return _slots(worker).commit(name)
+
+
+def discard_av(worker, name: str) -> None:
+    """collective_rpc target: :meth:`RuntimeSlots.discard`."""
+    _slots(worker).discard(name)
+
+
+def unload_av(worker, name: str) -> int:
+    """collective_rpc target: :meth:`RuntimeSlots.unload`."""
+    return _slots(worker).unload(name)
