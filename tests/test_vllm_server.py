@@ -68,6 +68,15 @@ def test_listing_endpoint(server):
     assert [v["name"] for v in listing["value_functions"]] == ["brief", "helpful"]
     assert all(v["compatibility"] == "same_base" and v["hidden_size"] == 128 for v in listing["value_functions"])
     assert listing["limits"]["recontrol_max_steps"] == 16 and "recontrol_path" not in listing["limits"]
+    assert "runtime_updates" not in listing
+
+
+def test_runtime_updates_are_off_by_default(server, demo):
+    url, _ = server
+    for route, body in (("load", {"name": "x", "path": str(demo[1] / "alpha")}), ("unload", {"name": "alpha"})):
+        response = requests.post(f"{url}/v1/av/{route}", json=body, timeout=10)
+        assert response.status_code == 404, response.text
+        assert "runtime AV updates are off; start the server with --av-allow-runtime-updates" in response.text
 
 
 def test_concurrent_mixed_requests_match_oracle(server, demo):

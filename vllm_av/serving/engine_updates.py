@@ -106,8 +106,13 @@ def update(core, op: str, name: str, entry: dict | None = None, replace: bool = 
 
 
 def _worker_message(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[-1] if text else type(exc).__name__).removeprefix("vllm-av: ")
+    """The message a rank raised, out of the executor's wrapping ("Worker failed with error '...', please
+    check ...", or a remote traceback): the last line naming vllm-av, else the error's first line."""
+    text = str(exc).strip()
+    ours = [line for line in text.splitlines() if "vllm-av: " in line]
+    if not ours:
+        return text.splitlines()[0] if text else type(exc).__name__
+    return ours[-1].split("vllm-av: ", 1)[1].split("', please check the stack trace")[0]
 
 
 def refusal(core, request) -> str | None:
