@@ -12,7 +12,7 @@ def demo_paths():
     return DEMO_DATA / "model", DEMO_DATA / "avs"
 
 
-def engine_config(demo_paths, **kwargs):
+def engine_config(demo_paths, av=None, **kwargs):
     from vllm.engine.arg_utils import EngineArgs
 
     import vllm_av.serving.plugin
@@ -20,7 +20,7 @@ def engine_config(demo_paths, **kwargs):
     vllm_av.serving.plugin.register()
     model, library = demo_paths
     args = EngineArgs(model=str(model), dtype="float32", max_model_len=256, enforce_eager=True,
-                      additional_config={"av": {"path": str(library)}}, **kwargs)
+                      additional_config={"av": {"path": str(library), **(av or {})}}, **kwargs)
     return args.create_engine_config()
 
 
@@ -43,6 +43,17 @@ def test_lora_wraps_only_the_library_modules_unless_the_user_enabled_lora(demo_p
     assert engine_config(demo_paths).lora_config.target_modules == [
         "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     assert engine_config(demo_paths, enable_lora=True, max_lora_rank=8).lora_config.target_modules is None
+    # an AV loaded at runtime may touch any linear module: vLLM's choice (every LoRA-capable layer)
+    assert engine_config(demo_paths, av={"allow_runtime_updates": True}).lora_config.target_modules is None
+
+
+def test_the_compile_cache_key_covers_the_runtime_slot_layout(demo_paths):
+    """Runtime updates change every layer's AV buffers (slots x max rank): a graph compiled for one
+    layout must never be reused for another."""
+    keys = [engine_config(demo_paths, av=av).compute_hash() for av in (
+        {}, {"allow_runtime_updates": True}, {"allow_runtime_updates": True, "max_loaded": 12},
+        {"allow_runtime_updates": True, "max_rank": 32})]
+    assert len(set(keys)) == len(keys)
 
 
 def test_an_av_module_no_lora_layer_carries_is_refused():
@@ -88,9 +99,29 @@ def test_the_compile_cache_key_covers_the_library_contents(demo_paths, tmp_path)
     ({}, {"speculative_config": {"method": "eagle", "model": "x", "num_speculative_tokens": 2}},
      "speculative decoding with AV supports method 'ngram' only; got 'eagle'"),
     ({}, {"enable_lora": True, "fully_sharded_loras": True}, "--fully-sharded-loras is not supported with AV"),
+    ({}, {"data_parallel_size": 2, "av": {"allow_runtime_updates": True}},
+     r"--av-allow-runtime-updates is not supported with data parallel \(--data-parallel-size 2\)"),
+    ({}, {"av": {"allow_runtime_updates": True, "max_loaded": 2}},
+     "--av-max-loaded 2 is below the library's 9 AVs"),
 ])
 def test_unsupported_settings_are_refused(demo_paths, monkeypatch, env, kwargs, message):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=message):
         engine_config(demo_paths, **kwargs)
+
+
+def test_runtime_updates_with_several_api_servers_are_refused_at_the_command_line(demo_paths):
+    """Each API server would keep its own view of the library."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    import vllm_av.serving.plugin
+
+    vllm_av.serving.plugin.register()
+    model, library = demo_paths
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+    args = parser.parse_args(["--model", str(model), "--enable-av", "--av-path", str(library), "--av-allow-runtime-updates"])
+    args.api_server_count = 2
+    with pytest.raises(SystemExit, match="--av-allow-runtime-updates needs one API server \\(got --api-server-count 2\\)"):
+        AsyncEngineArgs.from_cli_args(args)
