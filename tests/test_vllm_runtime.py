@@ -269,3 +269,34 @@ def test_capacity_is_fixed_at_start(server, avs):
         for name in ("one", "two", "three"):
             post(server[0], "/v1/av/unload", name=name)
     assert names(server) == ["alpha_attn", "beta_attn"]
+
+
+def test_offline_an_empty_library_filled_at_runtime(demo, tmp_path):
+    """``AVRuntime`` over ``LLM``: an engine started with no AV serves one loaded later (= the oracle),
+    refuses a second name beyond ``max_loaded`` and forgets an unloaded one."""
+    from vllm import LLM, SamplingParams
+
+    from test_vllm_plugin import ENGINE
+    from vllm_av.serving.runtime import AVRuntime, AVUpdateError
+    from vllm_av.testing.oracle import oracle_greedy
+
+    model, library = demo
+    (tmp_path / "empty").mkdir()
+    settings = {"path": str(tmp_path / "empty"), "allow_runtime_updates": True, "max_loaded": 1}
+    llm = LLM(str(model), **ENGINE, additional_config={"av": settings})
+    try:
+        runtime = AVRuntime(llm)
+        assert runtime.list() == []
+        assert runtime.load("beta", str(library / "beta"))["replaced"] is False
+        with pytest.raises(AVUpdateError, match="all 1 AV slots are in use") as full:
+            runtime.load("gamma", str(library / "gamma"))
+        assert full.value.status == 409
+        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, extra_args={"av": {"beta": 1.0}})
+        got = llm.generate(["medical: the patient"], params, use_tqdm=False)[0].outputs[0].token_ids
+        assert list(got) == oracle_greedy(model, library, {"beta": 1.0}, ["medical: the patient"], MAX_TOKENS)[0][0]
+        runtime.unload("beta")
+        assert runtime.list() == []
+        with pytest.raises(ValueError, match="unknown av 'beta'"):
+            llm.generate(["x"], params, use_tqdm=False)
+    finally:
+        del llm
