@@ -17,11 +17,34 @@ if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "1" and os.environ.get("TRITON_
     else:
 
         class _InterpreterDriver:
+            """Triton instantiates the active driver when asked for it (``triton.runtime.driver.active``):
+            torch's inductor does, for its cache key, when it compiles one of vLLM's helpers (the
+            vocab-parallel embedding mask under tensor parallel) with its C++ backend."""
+
             @staticmethod
             def is_active() -> bool:
                 return True
 
+            def get_current_target(self):
+                from triton.backends.compiler import GPUTarget
+
+                return GPUTarget("cpu", 0, 0)
+
+        class _InterpreterCompiler:
+            """What ``triton.compiler.make_backend`` returns for that target: only its ``hash`` is read."""
+
+            @staticmethod
+            def supports_target(target) -> bool:
+                return target.backend == "cpu"
+
+            def __init__(self, target):
+                self.target = target
+
+            def hash(self) -> str:
+                return "triton-interpreter"
+
         class _InterpreterBackend:
-            driver = _InterpreterDriver()
+            driver = _InterpreterDriver
+            compiler = _InterpreterCompiler
 
         _backends.backends.setdefault("cpu", _InterpreterBackend())
