@@ -16,6 +16,8 @@ import json
 import os
 import runpy
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,6 +41,19 @@ if RUNNER == "v2":
     os.environ["TRITON_INTERPRET"] = "1"
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_SHIM), os.environ.get("PYTHONPATH")]))
     runpy.run_path(str(_SHIM / "sitecustomize.py"))  # this process too (it started before PYTHONPATH changed)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_quick_benchmark(module: str, out: Path, result: str) -> dict:
+    """Run ``python -m MODULE --quick --out OUT`` from the repository root (a failure fails the test with
+    the output's tail) and return the JSON it wrote as ``OUT/RESULT``."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-m", module, "--quick", "--out", str(out)], cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / result).read_text())
 
 
 def pytest_collection_modifyitems(config, items):

@@ -8,26 +8,17 @@ it was trained for — IAMA under best-of-4, standard GRPO without a transform. 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-pytestmark = pytest.mark.vllm
+from conftest import run_quick_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("iama")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.iama.run", "--quick", "--out", str(out)],
-                          cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads((out / "iama_quick.json").read_text())
+    return run_quick_benchmark("benchmarks.iama.run", out, "iama_quick.json")
 
 
 def test_served_policies_equal_the_trained_checkpoints(quick):

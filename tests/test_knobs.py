@@ -8,27 +8,17 @@ sample (the pipeline itself exits non-zero on an oracle mismatch). ~1.5 min on 2
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-pytestmark = pytest.mark.vllm
+from conftest import run_quick_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("knobs")
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.knobs.run", "--quick", "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads((out / "knobs_quick.json").read_text())
+    return run_quick_benchmark("benchmarks.knobs.run", out, "knobs_quick.json")
 
 
 def test_knob_is_monotone_in_lambda(quick):

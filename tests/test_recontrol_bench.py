@@ -8,27 +8,17 @@ there. ~40 s on 2 cores.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-pytestmark = pytest.mark.vllm
+from conftest import run_quick_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("recontrol")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.recontrol.run", "--quick", "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads((out / "recontrol_quick.json").read_text()), out
+    return run_quick_benchmark("benchmarks.recontrol.run", out, "recontrol_quick.json"), out
 
 
 def test_served_steering_equals_the_reference_decoder(quick):

@@ -7,27 +7,17 @@ TP=2 produced the same tokens as TP=1. ~80 s on 2 cores.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-pytestmark = pytest.mark.vllm
+from conftest import run_quick_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("runtime_bench")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.runtime_updates", "--quick", "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads((out / "runtime_updates_quick.json").read_text())
+    return run_quick_benchmark("benchmarks.runtime_updates", out, "runtime_updates_quick.json")
 
 
 def test_updates_while_serving_never_fail_a_request(quick):

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import requests
-import torch
 from safetensors.torch import load_file, save_file
 
 from test_vllm_server import tokenize
