@@ -204,8 +204,6 @@ def iama_command(p: argparse.ArgumentParser) -> Runner:
     p.add_argument("--out", required=True, help="where the trained checkpoint and iama_train.json go")
 
     def run(args: argparse.Namespace) -> int:
-        from pathlib import Path
-
         from vllm_av.iama.train import criterion, train
         from vllm_av.iama.variation import Transform
 
