@@ -72,18 +72,26 @@ def attach_layer(layer, weights: list, tables: AVTables, ranks: list[int], rank:
     layer._av_tables = tables
 
 
-def write_slot(layer, slot: int, weight, rank: int) -> None:
-    """Overwrite AV slot ``slot`` of ``layer`` in place with ``weight`` (None: zeros) of rank ``rank``.
+def slot_stacks(layer, weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lora_a [S, R, in], lora_b [OUT, R])``: one AV's ``weight`` (a vLLM ``LoRALayerWeights``; None:
+    zeros) sliced and packed for ``layer`` on this rank, at its AV slots' rank, for :func:`write_slot`."""
+    buffer_rank = layer._av_a.shape[2] if layer._av_cpu_blend is None else layer._av_cpu_blend.rank
+    lora_a, lora_b, _ = layer_stacks(layer, [weight], buffer_rank)
+    return lora_a[:, 0], lora_b[0]
+
+
+def write_slot(layer, slot: int, stacks: tuple[torch.Tensor, torch.Tensor], rank: int) -> None:
+    """Overwrite AV slot ``slot`` of ``layer`` in place with ``stacks`` (:func:`slot_stacks`) of rank
+    ``rank`` (0: the AV does not touch this layer). Only copies: nothing here can fail on a good stack.
 
     The buffers keep their shapes and addresses, so compiled graphs and CUDA graphs stay valid.
     """
-    buffer_rank = layer._av_a.shape[2] if layer._av_cpu_blend is None else layer._av_cpu_blend.rank
-    lora_a, lora_b, _ = layer_stacks(layer, [weight], buffer_rank)
+    lora_a, lora_b = stacks
     if layer._av_cpu_blend is None:
-        layer._av_a[:, slot].copy_(lora_a[:, 0])
-        layer._av_b[slot].copy_(lora_b[0])
+        layer._av_a[:, slot].copy_(lora_a)
+        layer._av_b[slot].copy_(lora_b)
     else:
-        layer._av_cpu_blend.write_slot(slot, lora_a[:, 0], lora_b[0], rank if weight is not None else 0)
+        layer._av_cpu_blend.write_slot(slot, lora_a, lora_b, rank)
 
 
 def load_lora_model(runner, entry: AVEntry, lora_id: int):

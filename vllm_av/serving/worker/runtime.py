@@ -3,9 +3,9 @@
 The engine core (:mod:`vllm_av.serving.engine_updates`) drives every rank through vLLM's
 ``collective_rpc`` with the module-level functions below (each gets the worker first):
 
-1. :func:`prepare_av` -- load the AV with vLLM's LoRA loader and slice it for this rank's layers,
-   without touching any buffer (a bad AV fails here, on every rank alike, and nothing changed);
-2. :func:`commit_av` -- write the prepared weights into their slot, in place, and point the name
+1. :func:`prepare_av` -- load the AV with vLLM's LoRA loader and slice and pack it for this rank's
+   layers, without touching any buffer (a bad AV fails here, on every rank alike, and nothing changed);
+2. :func:`commit_av` -- copy the prepared stacks into their slot, in place, and point the name
    at it; or :func:`discard_av` -- forget them;
 3. :func:`unload_av` -- zero the slot and forget the name.
 
@@ -19,7 +19,7 @@ import itertools
 import logging
 
 from vllm_av.serving.library import AVEntry
-from vllm_av.serving.worker.loading import load_lora_model, refuse_unplaced, write_slot
+from vllm_av.serving.worker.loading import load_lora_model, refuse_unplaced, slot_stacks, write_slot
 
 logger = logging.getLogger("vllm.av")
 
@@ -33,32 +33,37 @@ class RuntimeSlots:
         self.runner = runner
         self.state = state
         self.capacity = capacity
-        self.pending: dict[str, tuple[int, int, dict]] = {}  # name -> (slot, rank, {layer name: weights})
+        # name -> (slot, {layer name: (slot_stacks, rank)}): loads prepared, not yet committed
+        self.pending: dict[str, tuple[int, dict]] = {}
 
     def _free_slot(self) -> int:
-        used = set(self.state.name_to_index.values()) | {slot for slot, _, _ in self.pending.values()}
+        used = set(self.state.name_to_index.values()) | {slot for slot, _ in self.pending.values()}
         free = [slot for slot in range(self.capacity) if slot not in used]
         if not free:
             raise ValueError(f"vllm-av: all {self.capacity} AV slots are in use")
         return free[0]
 
     def prepare(self, entry: AVEntry) -> int:
-        """Load ``entry`` for this rank's layers; return the slot it will take (its own when replacing)."""
+        """Load, slice and pack ``entry`` for this rank's layers; return the slot it will take (its own
+        when replacing)."""
         lora_model = load_lora_model(self.runner, entry, lora_id=next(_lora_ids))
         refuse_unplaced([entry], [lora_model], self.state.layers)
         manager = self.runner.lora_manager._adapter_manager
-        weights = {name: manager._get_lora_layer_weights(lora_model, name) for name in self.state.layers}
+        stacks = {}
+        for name, layer in self.state.layers.items():
+            weight = manager._get_lora_layer_weights(lora_model, name)
+            stacks[name] = (slot_stacks(layer, weight), entry.rank if weight is not None else 0)
         slot = self.state.name_to_index.get(entry.name)
         if slot is None:
             slot = self._free_slot()
-        self.pending[entry.name] = (slot, entry.rank, weights)
+        self.pending[entry.name] = (slot, stacks)
         return slot
 
     def commit(self, name: str) -> int:
-        """Write the prepared AV ``name`` into its slot and serve it from the next step on."""
-        slot, rank, weights = self.pending.pop(name)
+        """Copy the prepared AV ``name`` into its slot and serve it from the next step on."""
+        slot, stacks = self.pending.pop(name)
         for layer_name, layer in self.state.layers.items():
-            write_slot(layer, slot, weights[layer_name], rank)
+            write_slot(layer, slot, *stacks[layer_name])
         self.state.set_slot(name, slot)
         return slot
 
@@ -70,7 +75,7 @@ class RuntimeSlots:
         slot = self.state.name_to_index[name]
         self.state.set_slot(name, None)
         for layer in self.state.layers.values():
-            write_slot(layer, slot, None, 0)
+            write_slot(layer, slot, slot_stacks(layer, None), 0)
         return slot
 
 
