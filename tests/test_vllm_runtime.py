@@ -31,7 +31,7 @@ pytestmark = pytest.mark.vllm
 
 VLLM_AV = str(Path(sys.executable).parent / "vllm-av")
 MAX_TOKENS = 8
-STREAM_TOKENS = 96  # the requests that run while an update happens (ignore_eos: they run that long)
+STREAM_TOKENS = 240  # the requests that run while an update happens (ignore_eos: they run that long)
 LONG_PROMPT = "financial: " + " ".join(["the bank said the loan interest rate would rise"] * 12)
 
 
