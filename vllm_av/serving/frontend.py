@@ -67,21 +67,22 @@ class ServedLibrary:
     def __post_init__(self) -> None:
         self.entries = list(self.entries)
         self.capacity = self.config.capacity(len(self.entries))  # fixed at start
-        self._index()
 
-    def _index(self) -> None:
-        self.names = frozenset(entry.name for entry in self.entries)
-        self.digests = {entry.name: entry.digest for entry in self.entries}
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(entry.name for entry in self.entries)
+
+    @property
+    def digests(self) -> dict[str, str]:
+        return {entry.name: entry.digest for entry in self.entries}
 
     def put(self, entry) -> None:
         """Serve ``entry`` (a runtime load; replaces a loaded AV of the same name)."""
         self.entries = sorted([e for e in self.entries if e.name != entry.name] + [entry], key=lambda e: e.name)
-        self._index()
 
     def drop(self, name: str) -> None:
         """Stop serving AV ``name`` (a runtime unload)."""
         self.entries = [e for e in self.entries if e.name != name]
-        self._index()
 
     @property
     def value_names(self) -> frozenset[str]:
