@@ -169,6 +169,13 @@ def inside(path: Path, real_root: Path, library: str = "AV library") -> Path:
     return path
 
 
+def name_problem(name: object, config: AVConfig, noun: str = "AV") -> str | None:
+    """Why ``name`` cannot name an entry of a served library (None: it can)."""
+    if isinstance(name, str) and NAME_RE.fullmatch(name) and len(name) <= config.max_name_length:
+        return None
+    return f"{noun} name {name!r} must be 1-{config.max_name_length} characters of [A-Za-z0-9_.-]"
+
+
 def _load_entry(directory: Path, config: AVConfig, model_shapes, model_dir: str | None, real_root: Path,
                 name: str | None = None) -> AVEntry:
     adapter_config = inside(directory / ADAPTER_CONFIG, real_root)
@@ -189,8 +196,9 @@ def _load_entry(directory: Path, config: AVConfig, model_shapes, model_dir: str 
     av_json = inside(directory / AV_JSON, real_root)
     meta = _read_json(av_json) if av_json.is_file() else {}
     name = name or meta.get("name") or directory.name
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or len(name) > config.max_name_length:
-        raise _fail(directory / (AV_JSON if meta else ""), f"AV name {name!r} must be 1-{config.max_name_length} characters of [A-Za-z0-9_.-]")
+    problem = name_problem(name, config)
+    if problem:
+        raise _fail(directory / (AV_JSON if meta else ""), problem)
     rank, modules = _check_tensors(weights, config, model_shapes, max_scaling)
     compatibility = "unknown"
     if meta and model_dir is not None:
@@ -318,8 +326,9 @@ def load_av(path: str, name: str, config: AVConfig, model_dir: str | None = None
         raise AVLibraryError(f"{directory}: AV directory not found")
     if not (directory / ADAPTER_CONFIG).is_file():
         raise _fail(directory / ADAPTER_CONFIG, "missing (an AV is a PEFT LoRA adapter directory)")
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or len(name) > config.max_name_length:
-        raise AVLibraryError(f"AV name {name!r} must be 1-{config.max_name_length} characters of [A-Za-z0-9_.-]")
+    problem = name_problem(name, config)
+    if problem:
+        raise AVLibraryError(problem)
     model_shapes = _model_weight_shapes(model_dir) if model_dir and Path(model_dir).is_dir() else None
     return _load_entry(directory, config, model_shapes, model_dir if model_shapes is not None else None,
                        directory.resolve(), name=name)

@@ -16,8 +16,7 @@ from vllm_av.recontrol.valuefile import (
     VALUE_JSON, ValueFileError, check_value_compatibility, check_value_file, read_value_meta,
 )
 from vllm_av.serving.config import AVConfig
-from vllm_av.serving.library import AVLibraryError, inside, scan_entries
-from vllm_av.serving.mix import NAME_RE
+from vllm_av.serving.library import AVLibraryError, inside, name_problem, scan_entries
 
 LIBRARY = "value-function library"
 _libraries: dict[tuple, list] = {}
@@ -53,9 +52,9 @@ def _load_entry(directory: Path, config: AVConfig, model_dir: str | None, hidden
     except ValueFileError as exc:
         raise AVLibraryError(str(exc)) from None
     name = meta.get("name") or directory.name
-    if not NAME_RE.fullmatch(name) or len(name) > config.max_name_length:
-        raise AVLibraryError(f"{directory / VALUE_JSON}: value-function name {name!r} must be "
-                             f"1-{config.max_name_length} characters of [A-Za-z0-9_.-]")
+    problem = name_problem(name, config, noun="value-function")
+    if problem:
+        raise AVLibraryError(f"{directory / VALUE_JSON}: {problem}")
     if hidden_size is not None and meta["hidden_size"] != hidden_size:
         raise AVLibraryError(f"{directory / VALUE_JSON}: hidden_size {meta['hidden_size']} != the served model's "
                              f"hidden size {hidden_size}")
