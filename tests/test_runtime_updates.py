@@ -158,7 +158,7 @@ def as_payload(av: AVEntry) -> dict:
 
 
 def test_the_engine_core_refuses_updates_to_avs_in_use_and_beyond_capacity(demo):
-    from vllm_av.serving.engine_updates import update
+    from vllm_av.serving.engine_updates import in_use, update
 
     model, library = demo
     core = FakeCore(model, library, max_loaded=4)
@@ -166,6 +166,7 @@ def test_the_engine_core_refuses_updates_to_avs_in_use_and_beyond_capacity(demo)
     core.run("r1", [["alpha", 1.0]])
     core.run("r2", [["beta", 0.5], ["alpha", -1.0]])
     core.run("r3", [["gamma", 1.0]])
+    assert in_use(core) == {"alpha": 2, "beta": 1, "gamma": 1}
     answer = update(core, "unload", "alpha")
     assert answer == {"status": 409, "in_use": 2,
                       "error": "AV 'alpha' is used by 2 queued or running request(s); unload it when they have finished"}
@@ -179,6 +180,7 @@ def test_the_engine_core_refuses_updates_to_avs_in_use_and_beyond_capacity(demo)
     full = update(core, "load", "epsilon", {**new, "name": "epsilon"})
     assert full == {"status": 409, "error": "all 4 AV slots are in use (--av-max-loaded); unload an AV first"}
     del core.scheduler.requests["r1"], core.scheduler.requests["r2"]
+    assert in_use(core) == {"alpha": 0, "beta": 0, "gamma": 1, "delta": 0}
     assert update(core, "unload", "alpha")["status"] == 200
     assert update(core, "load", "epsilon", {**new, "name": "epsilon"})["status"] == 200
 

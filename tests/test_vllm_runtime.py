@@ -2,11 +2,14 @@
 
 The server starts with ``--av-allow-runtime-updates --av-max-loaded 4`` and a library of two AVs
 that touch the attention layers only; the AVs loaded later touch the MLP layers too (every
-LoRA-capable layer holds AV slots from the start). Checked: a load while other mixes stream leaves
-their tokens as in solo runs; a loaded AV equals the merged-weights oracle; bad directories are
+LoRA-capable layer holds AV slots from the start). Checked: a load while requests of other mixes are
+in the engine leaves their tokens as in solo runs; a loaded AV equals the merged-weights oracle; bad directories are
 400s naming the file; unloading or replacing an AV that running requests use is refused (409,
 naming their count) until they finish; a replaced AV serves its new weights and never reuses KV
 computed with the old ones; capacity is fixed at start. The same runs on either model runner.
+Updates meet requests in flight on every machine because the tests pause vLLM's scheduler
+(``/pause?mode=keep``) while they send both; the benchmark ``benchmarks.runtime_updates`` times
+updates against unpaused streams.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -31,7 +35,7 @@ pytestmark = pytest.mark.vllm
 
 VLLM_AV = str(Path(sys.executable).parent / "vllm-av")
 MAX_TOKENS = 8
-STREAM_TOKENS = 240  # the requests that run while an update happens (ignore_eos: they run that long)
+STREAM_TOKENS = 64  # the requests in the engine while an update happens (ignore_eos: they run that long)
 LONG_PROMPT = "financial: " + " ".join(["the bank said the loan interest rate would rise"] * 12)
 
 
@@ -78,11 +82,39 @@ def avs(demo, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(avs, tmp_path_factory):
+    """The server, with vLLM's dev routes (``/pause``, ``/resume``) that :func:`paused` uses."""
     model, startup, _ = avs
     command = [VLLM_AV, "serve", str(model), "--av-path", str(startup), "--av-allow-runtime-updates",
                "--av-max-loaded", "4", "--enable-prompt-tokens-details", "--max-num-seqs", "16", *CPU_FLAGS]
-    with ServerProcess(command, tmp_path_factory.mktemp("server") / "server.log") as process:
-        yield process.url, str(model)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("VLLM_SERVER_DEV_MODE", "1")
+        with ServerProcess(command, tmp_path_factory.mktemp("server") / "server.log") as process:
+            yield process.url, str(model)
+
+
+@contextmanager
+def paused(server):
+    """vLLM's scheduler paused, keeping its requests (``/pause?mode=keep``): requests sent meanwhile
+    wait in the scheduler, so an update made in the block meets them queued on any machine."""
+    response = requests.post(f"{server[0]}/pause", params={"mode": "keep", "clear_cache": "false"}, timeout=60)
+    assert response.status_code == 200, response.text
+    try:
+        yield
+    finally:
+        assert requests.post(f"{server[0]}/resume", timeout=60).status_code == 200
+
+
+def wait_until_used(server, counts: dict[str, int], timeout: float = 60) -> None:
+    """Wait until ``GET /v1/av`` says the engine holds ``counts[name]`` queued or running requests
+    using each AV ``name`` (the requests sent so far have reached the scheduler)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        listing = requests.get(f"{server[0]}/v1/av", timeout=10).json()["data"]
+        seen = {av["name"]: av["in_use"] for av in listing if av["name"] in counts}
+        if seen == counts:
+            return
+        assert time.monotonic() < deadline, f"the engine holds {seen} requests per AV, not {counts}"
+        time.sleep(0.05)
 
 
 def post(url, route, **body):
@@ -115,12 +147,11 @@ def names(server) -> list[str]:
 
 
 class Stream:
-    """A streamed greedy completion in a thread: its token ids, and when its first and last chunks came."""
+    """A streamed greedy completion in a thread: its token ids."""
 
     def __init__(self, server, prompt, av):
         self.server, self.prompt, self.av = server, prompt, av
         self.tokens, self.error = [], None
-        self.started, self.finished_at = threading.Event(), None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -134,11 +165,8 @@ class Stream:
                 for line in response.iter_lines():
                     if line.startswith(b"data: {"):
                         self.tokens += json.loads(line[6:])["choices"][0]["token_ids"] or []
-                        self.started.set()
         except Exception as exc:  # noqa: BLE001 -- reported by the test
             self.error = exc
-        self.finished_at = time.monotonic()
-        self.started.set()
 
     def join(self) -> list[int]:
         self.thread.join(120)
@@ -154,24 +182,23 @@ def test_listing_shows_the_fixed_slots(server):
     listing = requests.get(f"{server[0]}/v1/av", timeout=10).json()
     assert [av["name"] for av in listing["data"]] == ["alpha_attn", "beta_attn"]
     assert listing["runtime_updates"] == {"max_loaded": 4, "loaded": 2}
-    assert all(len(av["digest"]) == 16 for av in listing["data"])
+    assert all(len(av["digest"]) == 16 and av["in_use"] == 0 for av in listing["data"])
 
 
 def test_a_load_while_other_mixes_stream_leaves_them_unchanged(server, avs, tmp_path):
-    """Streams under several mixes run while an AV touching modules no startup AV touched is loaded:
-    their tokens equal solo runs, and the new AV equals the oracle, alone and mixed with a startup AV."""
+    """Streams under several mixes are in the engine while an AV touching modules no startup AV touched
+    is loaded: their tokens equal solo runs, and the new AV equals the oracle, alone and mixed."""
     _, _, dirs = avs
     rows = [("medical: the patient", None), ("legal: the court said", "alpha_attn:1"),
             ("medical: the dose", "beta_attn:-1.5"), ("legal: the contract", "alpha_attn:0.5,beta_attn:1")] * 2
-    streams = [Stream(server, prompt, mix) for prompt, mix in rows]
-    assert all(stream.started.wait(60) for stream in streams)
-    loaded = post(server[0], "/v1/av/load", name="gamma_rt", path=str(dirs["gamma"]))
-    loaded_at = time.monotonic()
+    with paused(server):
+        streams = [Stream(server, prompt, mix) for prompt, mix in rows]
+        wait_until_used(server, {"alpha_attn": 4, "beta_attn": 4})
+        loaded = post(server[0], "/v1/av/load", name="gamma_rt", path=str(dirs["gamma"]))
     try:
         assert loaded.status_code == 200, loaded.text
         assert loaded.json()["name"] == "gamma_rt" and loaded.json()["replaced"] is False
         results = [stream.join() for stream in streams]
-        assert loaded_at < min(stream.finished_at for stream in streams), "the load did not overlap the streams"
         assert results == [solo(server, prompt, mix) for prompt, mix in rows]
         assert names(server) == ["alpha_attn", "beta_attn", "gamma_rt"]
         served_as = {"alpha_attn": "alpha_attn", "gamma_rt": "gamma"}
@@ -213,14 +240,13 @@ def test_unloading_or_replacing_an_av_in_use_is_refused_until_its_requests_finis
     _, _, dirs = avs
     assert post(server[0], "/v1/av/load", name="gamma_rt", path=str(dirs["gamma"])).status_code == 200
     try:
-        streams = [Stream(server, "medical: the patient", "gamma_rt:1,alpha_attn:0.5"),
-                   Stream(server, "legal: the court said", "gamma_rt:-0.5")]
-        assert all(stream.started.wait(60) for stream in streams)
-        refused = post(server[0], "/v1/av/unload", name="gamma_rt")
-        replace = post(server[0], "/v1/av/load", name="gamma_rt", path=str(dirs["beta"]), replace=True)
-        refused_at = time.monotonic()
+        with paused(server):
+            streams = [Stream(server, "medical: the patient", "gamma_rt:1,alpha_attn:0.5"),
+                       Stream(server, "legal: the court said", "gamma_rt:-0.5")]
+            wait_until_used(server, {"gamma_rt": 2})
+            refused = post(server[0], "/v1/av/unload", name="gamma_rt")
+            replace = post(server[0], "/v1/av/load", name="gamma_rt", path=str(dirs["beta"]), replace=True)
         results = [stream.join() for stream in streams]
-        assert refused_at < min(stream.finished_at for stream in streams), "the updates did not overlap the requests"
         assert results == [solo(server, stream.prompt, stream.av) for stream in streams], "a request changed weights"
         for response in (refused, replace):
             assert response.status_code == 409, response.text
@@ -287,6 +313,7 @@ def test_offline_an_empty_library_filled_at_runtime(demo, tmp_path):
         runtime = AVRuntime(llm)
         assert runtime.list() == []
         assert runtime.load("beta", str(library / "beta"))["replaced"] is False
+        assert [(av["name"], av["in_use"]) for av in runtime.list()] == [("beta", 0)]
         with pytest.raises(AVUpdateError, match="all 1 AV slots are in use") as full:
             runtime.load("gamma", str(library / "gamma"))
         assert full.value.status == 409

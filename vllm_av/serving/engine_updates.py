@@ -28,6 +28,7 @@ from vllm_av.serving.worker.runtime import commit_av, discard_av, prepare_av, un
 logger = logging.getLogger("vllm.av")
 
 UPDATE_METHOD = "vllm_av_update"  # the engine-core utility's name
+IN_USE_METHOD = "vllm_av_in_use"  # the engine-core utility counting each loaded AV's requests
 VERSIONS_KEY = "av_versions"  # extra_args: {AV name: digest} of the AVs a request was admitted with
 
 
@@ -60,6 +61,13 @@ def _uses(request, name: str) -> bool:
 def requests_using(core, name: str) -> int:
     """How many queued or running requests of ``core``'s scheduler mix AV ``name``."""
     return sum(1 for request in core.scheduler.requests.values() if _uses(request, name))
+
+
+def in_use(core) -> dict[str, int]:
+    """The ``vllm_av_in_use`` utility: each loaded AV's count of queued or running requests
+    (empty when runtime updates are off)."""
+    library = _library(core)
+    return {name: requests_using(core, name) for name in library.digests} if library is not None else {}
 
 
 def _answer(status: int, message: str = "", **fields) -> dict:
@@ -128,7 +136,8 @@ def refusal(core, request) -> str | None:
 
 
 def install() -> None:
-    """Add the ``vllm_av_update`` utility to vLLM's engine core and guard its ``add_request``."""
+    """Add the ``vllm_av_update`` and ``vllm_av_in_use`` utilities to vLLM's engine core and guard
+    its ``add_request``."""
     core_class = points.ENGINE_CORE.get()
     original_add = points.ENGINE_CORE_ADD_REQUEST.get()
 
@@ -146,4 +155,5 @@ def install() -> None:
         send_error([request.request_id], request.client_index)
 
     setattr(core_class, UPDATE_METHOD, vllm_av_update)
+    setattr(core_class, IN_USE_METHOD, in_use)
     points.ENGINE_CORE_ADD_REQUEST.replace(add_request)

@@ -30,7 +30,7 @@ from fastapi import Request  # the runtime-update routes' parameter type, resolv
 from vllm_av.serving import patch_points as points
 from vllm_av.serving import runtime
 from vllm_av.serving.config import AVConfig, av_config_from
-from vllm_av.serving.engine_updates import UPDATE_METHOD, VERSIONS_KEY
+from vllm_av.serving.engine_updates import IN_USE_METHOD, UPDATE_METHOD, VERSIONS_KEY
 from vllm_av.serving.http_mix import ObjectMixMiddleware
 from vllm_av.serving.library import library_for, local_model_dir
 from vllm_av.serving.mix import MIX_KEY, MixError, mix_to_str, parse_mix
@@ -88,12 +88,16 @@ class ServedLibrary:
     def value_names(self) -> frozenset[str]:
         return frozenset(entry.name for entry in self.value_functions)
 
-    def listing(self) -> dict:
+    def listing(self, in_use: dict[str, int] | None = None) -> dict:
         """The body of ``GET /v1/av`` (the RE-Control limits only where value functions are served,
-        the slots only where runtime updates are on)."""
+        the slots only where runtime updates are on). ``in_use``: the engine's count of queued or
+        running requests per AV, listed with each AV when given."""
+        data = [entry.summary() for entry in self.entries]
+        if in_use is not None:
+            data = [{**av, "in_use": in_use.get(av["name"], 0)} for av in data]
         body = {
             "object": "list",
-            "data": [entry.summary() for entry in self.entries],
+            "data": data,
             "value_functions": [entry.summary() for entry in self.value_functions],
             "limits": {k: v for k, v in self.config.to_dict().items()
                        if k not in _NOT_LIMITS and (self.value_functions or not k.startswith("recontrol_"))},
@@ -251,10 +255,13 @@ def _install_listing_route() -> None:
     router = APIRouter()
 
     @router.get("/v1/av")
-    async def list_avs():
+    async def list_avs(raw_request: Request):
         if _served is None:
             return _error(404, "AV serving is not enabled")
-        return JSONResponse(_served.listing())
+        in_use = None
+        if _served.config.allow_runtime_updates:  # what an unload or replace would wait for
+            in_use = await raw_request.app.state.engine_client.engine_core.call_utility_async(IN_USE_METHOD)
+        return JSONResponse(_served.listing(in_use))
 
     @router.post("/v1/av/load")
     async def load_av(raw_request: Request):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
-from vllm_av.serving.engine_updates import UPDATE_METHOD
+from vllm_av.serving.engine_updates import IN_USE_METHOD, UPDATE_METHOD
 from vllm_av.serving.library import AVLibraryError, load_av
 
 
@@ -117,14 +117,14 @@ class AVRuntime:
         self._served = getattr(engine.input_processor, "_vllm_av", None)
         self._client = engine.engine_core
 
-    def _call(self, *args) -> dict:
+    def _call(self, method: str, *args) -> dict:
         if hasattr(self._client, "call_utility"):  # the engine core in its own process
-            return self._client.call_utility(UPDATE_METHOD, *args)
-        return getattr(self._client.engine_core, UPDATE_METHOD)(*args)  # in-process engine core
+            return self._client.call_utility(method, *args)
+        return getattr(self._client.engine_core, method)(*args)  # in-process engine core
 
     def _run(self, flow, *args):
         async def call(*call_args):
-            return self._call(*call_args)
+            return self._call(UPDATE_METHOD, *call_args)
 
         return asyncio.run(flow(self._served, call, *args))
 
@@ -137,5 +137,8 @@ class AVRuntime:
         return self._run(unload, name)
 
     def list(self) -> list[dict]:
-        """The loaded AVs, as ``GET /v1/av`` lists them."""
-        return self._served.listing()["data"] if self._served is not None else []
+        """The loaded AVs, as ``GET /v1/av`` lists them (with each AV's ``in_use`` count)."""
+        if self._served is None:
+            return []
+        in_use = self._call(IN_USE_METHOD) if self._served.config.allow_runtime_updates else None
+        return self._served.listing(in_use)["data"]
