@@ -41,7 +41,9 @@ def test_cost_figures_and_plots(quick):
     res, out = quick
     s = res["speed"]
     assert s["requests"] == 32
-    for key in ("base", "steered_n30", "steered_best", "reference_n30", "reference_n30_batch16"):
+    for key in ("base", "steered_n30", "steered_best", "reference_n30", "reference_n30_batch16",
+                "published_n30_batch16"):
         assert s[key]["tok_per_s"] > 0
-    assert s["isolated_step_call_s"] > 0
+    assert s["published_same_tokens"], "the published-style reference must decode the lean reference's tokens"
+    assert s["isolated_step_call_s"] > 0 and s["ceiling_vs_published_n30_batch16"] > 0
     assert (out / "recontrol_sweep.png").stat().st_size > 0 and (out / "recontrol_levels.png").stat().st_size > 0

@@ -85,3 +85,23 @@ def test_td_training_learns_the_terminal_reward():
 def test_value_layers_are_checked():
     with pytest.raises(ValueError, match="2 or 3 layers"):
         ValueMLP(4, 8, layers=4)
+
+
+def test_the_published_style_reference_decodes_the_oracle_loops_tokens(tmp_path):
+    """``generate_as_published`` (transformers ``generate``, every position steered, as the reference
+    code) and the lean oracle loop (the sampled position only) give the same greedy tokens: only the
+    last position's logits are sampled and the KV cache is never edited."""
+    from transformers import AutoModelForCausalLM
+
+    from vllm_av.recontrol.reference import generate_as_published, recontrol_generate
+    from vllm_av.testing.models import build_tiny_model
+
+    model = AutoModelForCausalLM.from_pretrained(str(build_tiny_model(tmp_path / "m", hidden_size=64)),
+                                                 dtype=torch.float32).eval()
+    torch.manual_seed(2)
+    value = ValueMLP(hidden_size=64, width=32)
+    prompts = [[5, 9, 13, 2], [7, 3], [11, 12, 14, 15, 16, 4]]
+    lean = recontrol_generate(model, value, prompts, alpha=2.0, steps=10, max_new_tokens=12)
+    published = generate_as_published(model, value, prompts, alpha=2.0, steps=10, max_new_tokens=12)
+    assert published == lean
+    assert lean != recontrol_generate(model, value, prompts, alpha=0.0, steps=0, max_new_tokens=12), "no steering"

@@ -9,12 +9,15 @@ Base: the demo tiny model (``vllm_av/demo_data/model``, the knob task's base) an
 2. Train the value function (2-layer ReLU MLP, TD loss).
 3. Serve through vLLM with the plugin, one engine and one batch for everything: base, an (α, n)
    sweep of RE-Control, the domain's expert AV at several λ, and an expert-level system prompt.
-   Mean reward, level distribution, diversity (the paper's ∏_{n=2..4} unique/total n-grams).
+   Mean reward, level distribution, diversity: the paper's ∏_{n=2..4} unique/total n-grams of each
+   answer, and distinct bigrams across a setting's answers (which falls when answers collapse).
    A few steered answers are checked against the reference decoder (exact greedy tokens).
 4. Cost, 32 concurrent requests, side by side: output tok/s served without steering, steered at
-   n=30 and at the best setting; the transformers reference decoder (autograd SGD, batched) at
-   n=30; and the value steps' own arithmetic in isolation (the served overhead per decode step
-   against it).
+   n=30 and at the best setting; the transformers reference at n=30 run as the published code runs
+   (``generate``, every position steered, batches of 16) and as our lean oracle loop (one batch and
+   batches of 16); and the value steps' own arithmetic in isolation (the served overhead per decode
+   step against it). Served base tok/s over the reference's is the ceiling of any steering
+   implementation's speed-up on this machine.
 """
 
 from __future__ import annotations
@@ -38,9 +41,9 @@ AVS = ROOT / "vllm_av" / "demo_data" / "avs"
 REWARD = "benchmarks.recontrol.reward:expert_reward"
 MAX_TOKENS = 40
 FULL = dict(train_prompts=672, test_prompts=96, epochs=60, width=256, lr=1e-3, alphas=[0.5, 1.0, 2.0, 5.0, 10.0, 20.0],
-            steps=[5, 10, 30], lambdas=[0.25, 0.5, 1.0], oracle_samples=6, speed_requests=32, speed_repeats=3)
+            steps=[5, 10, 30], lambdas=[0.25, 0.5, 1.0], oracle_samples=6, speed_requests=32, speed_rounds=7)
 QUICK = dict(train_prompts=96, test_prompts=24, epochs=15, width=128, lr=1e-3, alphas=[2.0, 10.0], steps=[5, 30],
-             lambdas=[0.5, 1.0], oracle_samples=2, speed_requests=32, speed_repeats=1)
+             lambdas=[0.5, 1.0], oracle_samples=2, speed_requests=32, speed_rounds=3)
 SPEED_STEPS = 30  # the paper's n for its timing
 
 
@@ -59,13 +62,19 @@ def diversity(text: str) -> float:
     return score
 
 
+def distinct_bigrams(texts: list[str]) -> float:
+    """Unique word bigrams over all bigrams across ``texts`` (0 when there are none)."""
+    grams = [tuple(words[i:i + 2]) for words in (t.split() for t in texts) for i in range(len(words) - 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
 def summarise(texts: list[str]) -> dict:
     levels = [D.classify(t) for t in texts]
     shares = {name: sum(lv == i for lv in levels) / len(levels) for i, name in enumerate(D.LEVELS)}
     shares["undecided"] = sum(lv is None for lv in levels) / len(levels)
     return {"reward": float(np.mean(expert_reward(prompts=[""] * len(texts), completions=texts))),
             "levels": shares, "diversity": float(np.mean([diversity(t) for t in texts])),
-            "words": float(np.mean([len(t.split()) for t in texts]))}
+            "distinct2": distinct_bigrams(texts), "words": float(np.mean([len(t.split()) for t in texts]))}
 
 
 def settings(cfg: dict, queries: list) -> list[tuple[str, dict, dict]]:
@@ -125,18 +134,24 @@ def oracle(values: Path, raw: dict, samples: int) -> dict:
     return {"samples": len(checks), "equal": int(sum(checks))}
 
 
-def timed_generate(llm, prompts: list[str], extra: dict | None, repeats: int) -> dict:
+def interleaved_generate(llm, prompts: list[str], runs: dict[str, dict | None], rounds: int) -> dict:
+    """Output tok/s of each of ``runs`` (label -> extra_args), run in turn ``rounds`` times after a
+    warm-up: per label the median seconds, and per round the seconds (for ratios within a round)."""
     from vllm import SamplingParams
 
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, extra_args=extra)
-    llm.generate(prompts[:4], params, use_tqdm=False)  # warm
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        llm.generate(prompts, params, use_tqdm=False)
-        best = min(best, time.perf_counter() - start)
+    params = {label: SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, extra_args=extra)
+              for label, extra in runs.items()}
+    for p in params.values():
+        llm.generate(prompts[:4], p, use_tqdm=False)  # warm
+    seconds = {label: [] for label in runs}
+    for _ in range(rounds):
+        for label, p in params.items():
+            start = time.perf_counter()
+            llm.generate(prompts, p, use_tqdm=False)
+            seconds[label].append(time.perf_counter() - start)
     tokens = len(prompts) * MAX_TOKENS
-    return {"seconds": best, "tok_per_s": tokens / best}
+    return {label: {"seconds": float(np.median(s)), "tok_per_s": tokens / float(np.median(s)), "rounds": s}
+            for label, s in seconds.items()}
 
 
 def isolated_steps(values: Path, rows: int, steps: int, alpha: float, repeats: int = 100) -> float:
@@ -161,25 +176,43 @@ def isolated_steps(values: Path, rows: int, steps: int, alpha: float, repeats: i
     return float(np.median(rounds))
 
 
-def reference_speed(values: Path, prompts: list[str], alpha: float, steps: int, batch_size: int) -> dict:
-    """The reference decoder's output tok/s on ``prompts``, ``batch_size`` at a time (the paper ran 16)."""
+def reference_speed(values: Path, prompts: list[str], alpha: float, steps: int, batch_size: int, rounds: int,
+                    published: bool = False) -> dict:
+    """The reference decoder's output tok/s on ``prompts``, ``batch_size`` at a time (the paper ran 16),
+    the median of ``rounds``: the lean oracle loop, or (``published``) ``generate_as_published``, the
+    published code's way. ``tokens``: the ids of the first batch."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from vllm_av.recontrol.reference import recontrol_generate
+    from vllm_av.recontrol.reference import generate_as_published, recontrol_generate
     from vllm_av.recontrol.valuefile import load_value_function
 
+    decode = generate_as_published if published else recontrol_generate
     tok = AutoTokenizer.from_pretrained(str(BASE))
     model = AutoModelForCausalLM.from_pretrained(str(BASE), dtype=torch.float32).eval()
     value = load_value_function(values / "expert")
     ids = [tok(p).input_ids for p in prompts]
-    recontrol_generate(model, value, ids[:4], alpha, steps, 4)  # warm
-    start = time.perf_counter()
-    for first in range(0, len(ids), batch_size):
-        recontrol_generate(model, value, ids[first:first + batch_size], alpha, steps, MAX_TOKENS,
-                           pad_token_id=tok.pad_token_id or 0)
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "tok_per_s": len(prompts) * MAX_TOKENS / seconds, "batch_size": batch_size}
+    pad = tok.pad_token_id or 0
+    decode(model, value, ids[:4], alpha, steps, 4, pad_token_id=pad)  # warm
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        batches = [decode(model, value, ids[first:first + batch_size], alpha, steps, MAX_TOKENS, pad_token_id=pad)
+                   for first in range(0, len(ids), batch_size)]
+        times.append(time.perf_counter() - start)
+    seconds = float(np.median(times))
+    return {"seconds": seconds, "tok_per_s": len(prompts) * MAX_TOKENS / seconds, "batch_size": batch_size,
+            "rounds": times, "tokens": batches[0]}
+
+
+def same_until_eos(lean: list[list[int]], published: list[list[int]]) -> bool:
+    """Whether the published-style decode gave the lean loop's tokens up to each answer's first end
+    token (``generate`` with ``min_new_tokens`` forbids it; the lean loop without ``eos`` takes it)."""
+    from transformers import AutoTokenizer
+
+    eos = AutoTokenizer.from_pretrained(str(BASE)).eos_token_id
+    cut = [row[:row.index(eos)] if eos in row else row for row in lean]
+    return all(c == p[:len(c)] for c, p in zip(cut, published))
 
 
 def speed(llm, values: Path, cfg: dict, queries: list, best: dict, isolated_s: float) -> dict:
@@ -188,19 +221,27 @@ def speed(llm, values: Path, cfg: dict, queries: list, best: dict, isolated_s: f
     rows = len(prompts)
     setting = lambda a, n: {"recontrol": "expert", "recontrol_alpha": a, "recontrol_steps": n}  # noqa: E731
     res = {"requests": rows, "max_tokens": MAX_TOKENS}
-    res["base"] = timed_generate(llm, prompts, None, cfg["speed_repeats"])
-    res["steered_n30"] = timed_generate(llm, prompts, setting(best["alpha"], SPEED_STEPS), cfg["speed_repeats"])
-    res["steered_best"] = timed_generate(llm, prompts, setting(best["alpha"], best["steps"]), cfg["speed_repeats"])
-    res["base_again"] = timed_generate(llm, prompts, None, cfg["speed_repeats"])
-    base_s = min(res["base"]["seconds"], res["base_again"]["seconds"])
+    res.update(interleaved_generate(llm, prompts, {
+        "base": None, "steered_n30": setting(best["alpha"], SPEED_STEPS),
+        "steered_best": setting(best["alpha"], best["steps"])}, cfg["speed_rounds"]))
+    rounds = zip(res["base"]["rounds"], res["steered_n30"]["rounds"])
+    overheads = [(steered - base) / MAX_TOKENS for base, steered in rounds]
     res["isolated_step_call_s"] = isolated_s
-    res["served_overhead_per_step_s"] = (res["steered_n30"]["seconds"] - base_s) / MAX_TOKENS
+    res["served_overhead_per_step_s"] = float(np.median(overheads))  # per round, steered minus base
     res["overhead_vs_isolated"] = res["served_overhead_per_step_s"] / res["isolated_step_call_s"]
-    res["slowdown_n30"] = res["steered_n30"]["seconds"] / base_s
-    res["reference_n30"] = reference_speed(values, prompts, best["alpha"], SPEED_STEPS, batch_size=rows)
-    res["reference_n30_batch16"] = reference_speed(values, prompts, best["alpha"], SPEED_STEPS, batch_size=16)
-    res["served_vs_reference"] = res["steered_n30"]["tok_per_s"] / res["reference_n30"]["tok_per_s"]
-    res["served_vs_reference_batch16"] = res["steered_n30"]["tok_per_s"] / res["reference_n30_batch16"]["tok_per_s"]
+    res["slowdown_n30"] = res["steered_n30"]["seconds"] / res["base"]["seconds"]
+    reference_rounds = max(1, cfg["speed_rounds"] // 2)
+    res["reference_n30"] = reference_speed(values, prompts, best["alpha"], SPEED_STEPS, rows, reference_rounds)
+    res["reference_n30_batch16"] = reference_speed(values, prompts, best["alpha"], SPEED_STEPS, 16, reference_rounds)
+    res["published_n30_batch16"] = reference_speed(values, prompts, best["alpha"], SPEED_STEPS, 16, reference_rounds,
+                                                   published=True)
+    res["published_same_tokens"] = same_until_eos(res["reference_n30_batch16"].pop("tokens"),
+                                                  res["published_n30_batch16"].pop("tokens"))
+    res["reference_n30"].pop("tokens")
+    served, base_tps = res["steered_n30"]["tok_per_s"], res["base"]["tok_per_s"]
+    for key in ("reference_n30", "reference_n30_batch16", "published_n30_batch16"):
+        res[f"served_vs_{key}"] = served / res[key]["tok_per_s"]
+        res[f"ceiling_vs_{key}"] = base_tps / res[key]["tok_per_s"]  # steering at no cost at all
     return res
 
 
@@ -245,25 +286,33 @@ def plots(res: dict, cfg: dict, out: Path) -> list[Path]:
 
 
 def table(res: dict) -> str:
-    lines = ["| setting | mean reward | avoid / generic / expert / undecided | diversity | words |",
-             "|---|---:|---:|---:|---:|"]
+    lines = ["| setting | mean reward | avoid / generic / expert / undecided | diversity | distinct-2 | words |",
+             "|---|---:|---:|---:|---:|---:|"]
     for label, r in res["sweep"].items():
         lv = r["levels"]
         lines.append(f"| {label} | {r['reward']:.3f} | {lv['avoid']:.2f} / {lv['generic']:.2f} / {lv['expert']:.2f} / "
-                     f"{lv['undecided']:.2f} | {r['diversity']:.3f} | {r['words']:.1f} |")
+                     f"{lv['undecided']:.2f} | {r['diversity']:.3f} | {r['distinct2']:.3f} | {r['words']:.1f} |")
     s = res["speed"]
-    lines += ["", f"Cost, {s['requests']} concurrent requests × {s['max_tokens']} tokens (best of repeats):", "",
+    lines += ["", f"Cost, {s['requests']} concurrent requests × {s['max_tokens']} tokens (served: median of "
+              f"{len(s['base']['rounds'])} interleaved rounds; reference: median of its rounds):", "",
               "| run | output tok/s |", "|---|---:|",
               f"| vLLM, no steering | {s['base']['tok_per_s']:.0f} |",
               f"| vLLM, RE-Control n={SPEED_STEPS} | {s['steered_n30']['tok_per_s']:.0f} |",
               f"| vLLM, RE-Control best ({res['best']['label']}) | {s['steered_best']['tok_per_s']:.0f} |",
               f"| transformers reference, n={SPEED_STEPS}, all {s['requests']} in one batch | {s['reference_n30']['tok_per_s']:.0f} |",
               f"| transformers reference, n={SPEED_STEPS}, batches of 16 (the paper's) | "
-              f"{s['reference_n30_batch16']['tok_per_s']:.0f} |", "",
-              f"Served slowdown at n={SPEED_STEPS}: {s['slowdown_n30']:.2f}×; served overhead per decode step "
+              f"{s['reference_n30_batch16']['tok_per_s']:.0f} |",
+              f"| transformers reference as published (`generate`, every position steered), n={SPEED_STEPS}, "
+              f"batches of 16 | {s['published_n30_batch16']['tok_per_s']:.0f} |", "",
+              "| served RE-Control n=30 against | speed-up | ceiling (served base, no steering) |", "|---|---:|---:|"]
+    for key, what in (("published_n30_batch16", "reference as published, batches of 16"),
+                      ("reference_n30_batch16", "lean reference, batches of 16"),
+                      ("reference_n30", f"lean reference, all {s['requests']} in one batch")):
+        lines.append(f"| {what} | {s[f'served_vs_{key}']:.2f}× | {s[f'ceiling_vs_{key}']:.2f}× |")
+    lines += ["", f"Served slowdown at n={SPEED_STEPS}: {s['slowdown_n30']:.2f}×; served overhead per decode step "
               f"{s['served_overhead_per_step_s'] * 1e3:.2f} ms against {s['isolated_step_call_s'] * 1e3:.2f} ms for the "
-              f"value steps alone ({s['overhead_vs_isolated']:.2f}×); served vs reference throughput "
-              f"{s['served_vs_reference']:.1f}× (one batch) and {s['served_vs_reference_batch16']:.1f}× (batches of 16)."]
+              f"value steps alone ({s['overhead_vs_isolated']:.2f}×). The published-style reference gave the lean "
+              f"loop's tokens: {s['published_same_tokens']}."]
     return "\n".join(lines)
 
 

@@ -1,10 +1,15 @@
 """The reference RE-Control decoder in plain transformers: the oracle for what vLLM serves, and the
-baseline for its speed.
+baselines for its speed.
 
 As the paper's code does it: at each greedy step take the post-norm last-layer hidden state ``s``
 of the last position, run ``steps`` SGD steps with learning rate ``alpha`` on a perturbation
 ``u`` (loss ``−V(s + u)``, gradients by autograd), and pick the argmax of ``lm_head(s + u)``.
 The KV cache holds the unedited states.
+
+:func:`recontrol_generate` is a lean loop that steers the sampled position only (the oracle);
+:func:`generate_as_published` runs the way the published code does (transformers ``generate``
+over a model whose final-norm output is steered at *every* position, the prompt's included at
+prefill): the same tokens, at the published code's cost.
 """
 
 from __future__ import annotations
@@ -66,3 +71,26 @@ def recontrol_generate(model, value, prompts: list[list[int]], alpha: float, ste
         mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
         positions = positions[:, -1:] + 1
     return out
+
+
+@torch.no_grad()
+def generate_as_published(model, value, prompts: list[list[int]], alpha: float, steps: int, max_new_tokens: int,
+                          pad_token_id: int = 0) -> list[list[int]]:
+    """``max_new_tokens`` greedy ids after each prompt, decoded as the RE-Control reference code
+    decodes: ``model.generate`` with the final norm's output steered at every position it computes
+    (a forward hook standing in for the reference code's patched ``LlamaModel.forward``).
+
+    ``model``: a transformers causal LM whose decoder (``.model``) ends in the final norm ``.norm``."""
+    def steer_every_position(module, inputs, output):
+        flat = output.reshape(-1, output.shape[-1]).float()
+        return steered_state(value, flat, alpha, steps).to(output.dtype).reshape(output.shape)
+
+    device = next(model.parameters()).device
+    ids, mask, _ = left_padded(prompts, pad_token_id, device)
+    hook = model.model.norm.register_forward_hook(steer_every_position)
+    try:
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id)
+    finally:
+        hook.remove()
+    return [row[ids.shape[1]:].tolist() for row in out]
