@@ -276,7 +276,7 @@ def run_gpu(args) -> dict:
         dense_flops = 2 * T * N * r * sum(len(s) * d + sum(s) for d, s in LINEARS.values()) * layers
         if dense_flops < 5e12:
             row["dense_ms"] = _graph_time(dense, args.reps, torch)
-        del a_all, b_all
+        a_all = b_all = None  # free the dense copies before the next baseline (dense is not run again)
 
         # baseline (b): rank-concatenated LoRA per distinct mix, segmented GEMM over equal segments
         groups = 1 if mix == "same" else T

@@ -100,6 +100,32 @@ def test_the_front_changes_its_view_only_after_the_engine_agreed():
     assert missing.value.status == 404
 
 
+def test_the_offline_helper_works_inside_a_running_event_loop():
+    """``AVRuntime`` (over ``LLM``) is synchronous; called from async code or Jupyter, where a loop
+    already runs in the thread, it still completes instead of failing in ``asyncio.run``."""
+    from vllm_av.serving.runtime import AVRuntime
+
+    calls = []
+
+    class Core:  # the engine core client of an offline LLM whose engine core runs in its own process
+        def call_utility(self, method, *args):
+            calls.append((method, *args))
+            return {"status": 200, "slot": 1} if method == "vllm_av_update" else {"alpha": 0}
+
+    library = served()
+    llm = SimpleNamespace(llm_engine=SimpleNamespace(input_processor=SimpleNamespace(_vllm_av=library),
+                                                     engine_core=Core()))
+    runtime = AVRuntime(llm)
+
+    async def from_async_code():
+        return runtime.unload("beta"), runtime.list()
+
+    unloaded, listing = asyncio.run(from_async_code())
+    assert unloaded == {"name": "beta", "unloaded": True}
+    assert [(av["name"], av["in_use"]) for av in listing] == [("alpha", 0)]
+    assert calls == [("vllm_av_update", "unload", "beta", None, False), ("vllm_av_in_use",)]
+
+
 def test_a_bad_directory_never_reaches_the_engine(tmp_path):
     from vllm_av.serving import runtime
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 
 from vllm_av.serving.engine_updates import IN_USE_METHOD, UPDATE_METHOD
 from vllm_av.serving.library import AVLibraryError, load_av
@@ -126,7 +127,12 @@ class AVRuntime:
         async def call(*call_args):
             return self._call(UPDATE_METHOD, *call_args)
 
-        return asyncio.run(flow(self._served, call, *args))
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # the usual case: no event loop in this thread
+            return asyncio.run(flow(self._served, call, *args))
+        with ThreadPoolExecutor(1) as pool:  # called inside a running loop (Jupyter, async code): block it, as LLM does
+            return pool.submit(asyncio.run, flow(self._served, call, *args)).result()
 
     def load(self, name: str, path: str, replace: bool = False) -> dict:
         """Load AV ``name`` from ``path``; see :func:`load`."""
