@@ -2,11 +2,12 @@
 
 The server starts with ``--av-allow-runtime-updates --av-max-loaded 4`` and a library of two AVs
 that touch the attention layers only; the AVs loaded later touch the MLP layers too (every
-LoRA-capable layer holds AV slots from the start). Checked: a load while requests of other mixes are
-in the engine leaves their tokens as in solo runs; a loaded AV equals the merged-weights oracle; bad directories are
-400s naming the file; unloading or replacing an AV that running requests use is refused (409,
-naming their count) until they finish; a replaced AV serves its new weights and never reuses KV
-computed with the old ones; capacity is fixed at start. The same runs on either model runner.
+LoRA-capable layer holds AV slots from the start). Checked: a load while requests of other mixes
+are in the engine leaves their tokens as in solo runs; a loaded AV equals the merged-weights oracle;
+bad directories are 400s naming the file; unloading or replacing an AV that running requests use
+is refused (409, naming their count) until they finish; a replaced AV serves its new weights and
+never reuses KV computed with the old ones; capacity is fixed at start. The same runs on either
+model runner.
 Updates meet requests in flight on every machine because the tests pause vLLM's scheduler
 (``/pause?mode=keep``) while they send both; the benchmark ``benchmarks.runtime_updates`` times
 updates against unpaused streams.

@@ -222,6 +222,11 @@ def _error(status: int, message: str):
     return JSONResponse({"error": {"message": message, "code": status}}, status_code=status)
 
 
+def _engine_core(raw_request):
+    """The API server's client of the engine core, which runs vllm-av's engine-core utilities."""
+    return raw_request.app.state.engine_client.engine_core
+
+
 async def _run_update(raw_request, flow):
     """Run a runtime-update ``flow(body, call)`` for an HTTP request; a refusal is its status + message."""
     from fastapi.responses import JSONResponse
@@ -232,7 +237,7 @@ async def _run_update(raw_request, flow):
         return _error(400, "the body must be a JSON object")
     if not isinstance(body, dict):
         return _error(400, "the body must be a JSON object")
-    engine_core = raw_request.app.state.engine_client.engine_core
+    engine_core = _engine_core(raw_request)
 
     async def call(*args):
         return await engine_core.call_utility_async(UPDATE_METHOD, *args)
@@ -260,7 +265,7 @@ def _install_listing_route() -> None:
             return _error(404, "AV serving is not enabled")
         in_use = None
         if _served.config.allow_runtime_updates:  # what an unload or replace would wait for
-            in_use = await raw_request.app.state.engine_client.engine_core.call_utility_async(IN_USE_METHOD)
+            in_use = await _engine_core(raw_request).call_utility_async(IN_USE_METHOD)
         return JSONResponse(_served.listing(in_use))
 
     @router.post("/v1/av/load")

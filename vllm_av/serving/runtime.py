@@ -127,12 +127,13 @@ class AVRuntime:
         async def call(*call_args):
             return self._call(UPDATE_METHOD, *call_args)
 
+        update = flow(self._served, call, *args)
         try:
             asyncio.get_running_loop()
         except RuntimeError:  # the usual case: no event loop in this thread
-            return asyncio.run(flow(self._served, call, *args))
+            return asyncio.run(update)
         with ThreadPoolExecutor(1) as pool:  # called inside a running loop (Jupyter, async code): block it, as LLM does
-            return pool.submit(asyncio.run, flow(self._served, call, *args)).result()
+            return pool.submit(asyncio.run, update).result()
 
     def load(self, name: str, path: str, replace: bool = False) -> dict:
         """Load AV ``name`` from ``path``; see :func:`load`."""
