@@ -176,21 +176,26 @@ def isolated_steps(values: Path, rows: int, steps: int, alpha: float, repeats: i
     return float(np.median(rounds))
 
 
-def reference_speed(values: Path, prompts: list[str], alpha: float, steps: int, batch_size: int, rounds: int,
-                    published: bool = False) -> dict:
-    """The reference decoder's output tok/s on ``prompts``, ``batch_size`` at a time (the paper ran 16),
-    the median of ``rounds``: the lean oracle loop, or (``published``) ``generate_as_published``, the
-    published code's way. ``tokens``: the ids of the first batch."""
+def load_reference(values: Path):
+    """``(model, tokenizer, value function)`` of the transformers reference, loaded once for every timing."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from vllm_av.recontrol.reference import generate_as_published, recontrol_generate
     from vllm_av.recontrol.valuefile import load_value_function
 
-    decode = generate_as_published if published else recontrol_generate
-    tok = AutoTokenizer.from_pretrained(str(BASE))
     model = AutoModelForCausalLM.from_pretrained(str(BASE), dtype=torch.float32).eval()
-    value = load_value_function(values / "expert")
+    return model, AutoTokenizer.from_pretrained(str(BASE)), load_value_function(values / "expert")
+
+
+def reference_speed(reference, prompts: list[str], alpha: float, steps: int, batch_size: int, rounds: int,
+                    published: bool = False) -> dict:
+    """The reference decoder's output tok/s on ``prompts``, ``batch_size`` at a time (the paper ran 16),
+    the median of ``rounds``: the lean oracle loop, or (``published``) ``generate_as_published``, the
+    published code's way. ``reference``: :func:`load_reference`; ``tokens``: the ids of the first batch."""
+    from vllm_av.recontrol.reference import generate_as_published, recontrol_generate
+
+    decode = generate_as_published if published else recontrol_generate
+    model, tok, value = reference
     ids = [tok(p).input_ids for p in prompts]
     pad = tok.pad_token_id or 0
     decode(model, value, ids[:4], alpha, steps, 4, pad_token_id=pad)  # warm
@@ -205,12 +210,9 @@ def reference_speed(values: Path, prompts: list[str], alpha: float, steps: int, 
             "rounds": times, "tokens": batches[0]}
 
 
-def same_until_eos(lean: list[list[int]], published: list[list[int]]) -> bool:
+def same_until_eos(lean: list[list[int]], published: list[list[int]], eos: int) -> bool:
     """Whether the published-style decode gave the lean loop's tokens up to each answer's first end
-    token (``generate`` with ``min_new_tokens`` forbids it; the lean loop without ``eos`` takes it)."""
-    from transformers import AutoTokenizer
-
-    eos = AutoTokenizer.from_pretrained(str(BASE)).eos_token_id
+    token ``eos`` (``generate`` with ``min_new_tokens`` forbids it; the lean loop without ``eos`` takes it)."""
     cut = [row[:row.index(eos)] if eos in row else row for row in lean]
     return all(c == p[:len(c)] for c, p in zip(cut, published))
 
@@ -231,12 +233,14 @@ def speed(llm, values: Path, cfg: dict, queries: list, best: dict, isolated_s: f
     res["overhead_vs_isolated"] = res["served_overhead_per_step_s"] / res["isolated_step_call_s"]
     res["slowdown_n30"] = res["steered_n30"]["seconds"] / res["base"]["seconds"]
     reference_rounds = max(1, cfg["speed_rounds"] // 2)
-    res["reference_n30"] = reference_speed(values, prompts, best["alpha"], SPEED_STEPS, rows, reference_rounds)
-    res["reference_n30_batch16"] = reference_speed(values, prompts, best["alpha"], SPEED_STEPS, 16, reference_rounds)
-    res["published_n30_batch16"] = reference_speed(values, prompts, best["alpha"], SPEED_STEPS, 16, reference_rounds,
-                                                   published=True)
+    reference = load_reference(values)
+    res["reference_n30"] = reference_speed(reference, prompts, best["alpha"], SPEED_STEPS, rows, reference_rounds)
+    res["reference_n30_batch16"] = reference_speed(reference, prompts, best["alpha"], SPEED_STEPS, 16,
+                                                   reference_rounds)
+    res["published_n30_batch16"] = reference_speed(reference, prompts, best["alpha"], SPEED_STEPS, 16,
+                                                   reference_rounds, published=True)
     res["published_same_tokens"] = same_until_eos(res["reference_n30_batch16"].pop("tokens"),
-                                                  res["published_n30_batch16"].pop("tokens"))
+                                                  res["published_n30_batch16"].pop("tokens"), reference[1].eos_token_id)
     res["reference_n30"].pop("tokens")
     served, base_tps = res["steered_n30"]["tok_per_s"], res["base"]["tok_per_s"]
     for key in ("reference_n30", "reference_n30_batch16", "published_n30_batch16"):
