@@ -9,7 +9,7 @@ does not flatter anything), captured in one CUDA graph and timed by replay (medi
   dtype (``trivial_triton``); the faster one is the floor's trivial pass;
 * ``ours``    base + ``blend_triton`` per linear, default (shape-based) configuration;
   ``variant_<name>``: alternative configurations at the target points (``VARIANTS``);
-  ``prev``: an earlier kernel module given by ``--prev`` (same API), for before/after;
+  ``prev``: an earlier kernel module given by ``--prev`` (same API, with or without ``step_active``), for before/after;
 * ``dense``   baseline (a): plain torch, ``x A_all^T``, row scale by the mix coefficients, ``B_all^T``;
 * ``seglora`` baseline (b): one LoRA per distinct mix, materialised by rank concatenation
   (scales folded into B), run as a segmented LoRA GEMM (torch ``bmm`` over equal segments).
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import inspect
 import json
 import os
 import statistics
@@ -171,6 +172,7 @@ def run_gpu(args) -> dict:
 
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
+    active = torch.ones(1, dtype=torch.int32, device="cuda")  # every timed step holds mixes
     layers = args.layers
     dev_name = torch.cuda.get_device_name()
     bandwidth = _copy_bandwidth(torch)
@@ -202,7 +204,7 @@ def run_gpu(args) -> dict:
         for name, (d_in, slices) in LINEARS.items():
             y0 = torch.randn(T, sum(slices), device="cuda", dtype=torch.bfloat16)
             got, ref = y0.clone(), y0.clone()
-            blend_triton(got, xs[name], lib.a[0][name], lib.b[0][name], index, scale, slices)
+            blend_triton(got, xs[name], lib.a[0][name], lib.b[0][name], index, scale, active, slices)
             blend_reference(ref, xs[name], lib.a[0][name], lib.b[0][name], index, scale, slices)
             err = (got.float() - ref.float()).abs().max().item()
             worst = max(worst, err / ref.float().abs().max().item())
@@ -228,15 +230,17 @@ def run_gpu(args) -> dict:
         def ours(variant=None, module=None):
             configs = {}
             for n, (d_in, s) in LINEARS.items():
-                cfg = blend_config(T, d_in, len(s), N, K)
+                cfg = blend_config(T, d_in, len(s), N, K, r)
                 configs[n] = VARIANTS[variant](cfg) if variant else cfg
             blend = module.blend_triton if module else blend_triton
+            # a kernel from before the step_active flag (--prev) takes no flag
+            flag = (active,) if "step_active" in inspect.signature(blend).parameters else ()
 
             def fn():
                 for l in range(layers):
                     for name, (_, slices) in LINEARS.items():
                         torch.mm(xs[name], weights[l][name].t(), out=ys[name])
-                        blend(ys[name], xs[name], lib.a[l][name], lib.b[l][name], index, scale, slices,
+                        blend(ys[name], xs[name], lib.a[l][name], lib.b[l][name], index, scale, *flag, slices,
                               config=None if module else configs[name])
             return fn
 
@@ -268,11 +272,11 @@ def run_gpu(args) -> dict:
         row["ours_ms"] = _graph_time(ours(), args.reps, torch)
         if (N, K, r) == (TARGET["N"], TARGET["K"], TARGET["r"]) and not args.no_variants:
             for name, change in VARIANTS.items():
-                if any(change(c) != c for c in (blend_config(T, d, len(s), N, K) for d, s in LINEARS.values())):
+                if any(change(c) != c for c in (blend_config(T, d, len(s), N, K, r) for d, s in LINEARS.values())):
                     row[f"variant_{name}_ms"] = _graph_time(ours(variant=name), args.reps, torch)
         if prev is not None:
             row["prev_ms"] = _graph_time(ours(module=prev), args.reps, torch)
-        row["config_qkv"] = blend_config(T, HIDDEN, 3, N, K).__dict__
+        row["config_qkv"] = blend_config(T, HIDDEN, 3, N, K, r).__dict__
         dense_flops = 2 * T * N * r * sum(len(s) * d + sum(s) for d, s in LINEARS.values()) * layers
         if dense_flops < 5e12:
             row["dense_ms"] = _graph_time(dense, args.reps, torch)

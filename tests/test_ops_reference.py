@@ -6,6 +6,8 @@ import torch
 import vllm_av.serving.blend.op  # noqa: F401  (registers torch.ops.vllm_av.blend_)
 from vllm_av.serving.blend.op import blend_reference
 
+ACTIVE = torch.ones(1, dtype=torch.int32)
+
 
 def loop_oracle(y, x, a, b, idx, scale, out_slices):
     out = y.double().clone()
@@ -40,7 +42,7 @@ def test_reference_matches_float64(dtype, tol, b_layout, out_slices):
     y = torch.randn(rows, out, generator=gen).to(dtype)
     want = loop_oracle(y, x, a, b, idx, scale, out_slices)
     before = y.clone()
-    torch.ops.vllm_av.blend_(y, x, a, b, idx, scale, out_slices)
+    torch.ops.vllm_av.blend_(y, x, a, b, idx, scale, ACTIVE, out_slices)
     assert torch.equal(y[4], before[4]), "a row without entries must be untouched"
     err = (y.double() - want).norm() / want.norm()
     assert err < tol
@@ -51,7 +53,22 @@ def test_shape_errors_name_the_mismatch():
     a, b = torch.zeros(2, 3, 4, 8), torch.zeros(3, 6, 4)
     idx, scale = torch.zeros(2, 1, dtype=torch.int32), torch.zeros(2, 1)
     with pytest.raises(ValueError, match="out_slices has 1 entries, lora_a has 2 slices"):
-        torch.ops.vllm_av.blend_(y, x, a, b, idx, scale, [6])
+        torch.ops.vllm_av.blend_(y, x, a, b, idx, scale, ACTIVE, [6])
     with pytest.raises(ValueError, match="do not fit T=2"):
-        torch.ops.vllm_av.blend_(y, x, a, b, idx[:1], scale[:1], [3, 3])
+        torch.ops.vllm_av.blend_(y, x, a, b, idx[:1], scale[:1], ACTIVE, [3, 3])
+    with pytest.raises(ValueError, match="step_active must be int32"):
+        torch.ops.vllm_av.blend_(y, x, a, b, idx, scale, ACTIVE.float(), [3, 3])
     blend_reference(y, x, a, b, idx, scale, [3, 3])  # shapes fit: runs
+
+
+def test_inactive_step_adds_nothing_whatever_the_tables_hold():
+    """step_active = 0 (the step holds no mix): the op leaves y alone even where stale entries remain."""
+    gen = torch.Generator().manual_seed(5)
+    x, y = torch.randn(4, 8, generator=gen), torch.randn(4, 6, generator=gen)
+    a, b = torch.randn(1, 3, 2, 8, generator=gen), torch.randn(3, 6, 2, generator=gen)
+    idx, scale = torch.tensor([[0], [1], [2], [0]], dtype=torch.int32), torch.ones(4, 1)
+    before = y.clone()
+    torch.ops.vllm_av.blend_(y, x, a, b, idx, scale, torch.zeros(1, dtype=torch.int32), [6])
+    assert torch.equal(y, before)
+    torch.ops.vllm_av.blend_(y, x, a, b, idx, scale, ACTIVE, [6])
+    assert not torch.equal(y, before)

@@ -13,14 +13,19 @@ Tensor layout (shared by every implementation):
   strides with unit stride along R)
 * ``av_index``  ``int32 [T, M]``
 * ``av_scale``  ``float32 [T, M]``
+* ``step_active`` ``int32 [1]``: 0 when the step holds no mix at all; then the op adds nothing,
+  whatever the tables hold (the Triton kernel returns without reading them)
 * ``out_slices`` the output width of each of the ``S`` slices
 
 AVs of a smaller rank are zero-padded to ``R``. Accumulation is in float32.
 
 Implementations: :func:`blend_reference` (pure torch, dense, no data-dependent shapes; the
 oracle), its pre-laid-out form :func:`blend_scaled_ranks` (weights from :func:`dense_weights`;
-what CPU layers run, through :class:`vllm_av.serving.blend.cpu.CPUBlend`) and the fused Triton kernel in :mod:`vllm_av.kernels` on CUDA. Which one
-runs on CUDA is chosen once by :func:`cuda_impl_name` and logged.
+what CPU layers run, through :class:`vllm_av.serving.blend.cpu.CPUBlend`) and the fused Triton
+kernel in :mod:`vllm_av.kernels`. Which one the op runs is chosen once per device type by
+:func:`op_impl_name` and logged: Triton on CUDA; on CPU the reference, or the Triton kernel in
+Triton's interpreter with ``VLLM_AV_BLEND_IMPL=triton`` and ``TRITON_INTERPRET=1`` (how CI runs
+the GPU code path on CPU).
 """
 
 from __future__ import annotations
@@ -98,14 +103,20 @@ def blend_reference(
     av_index: torch.Tensor,
     av_scale: torch.Tensor,
     out_slices: list[int],
+    step_active: torch.Tensor | None = None,
 ) -> None:
-    """The op in plain torch (the oracle): dense over the library, weighted by each row's coefficients."""
+    """The op in plain torch (the oracle): dense over the library, weighted by each row's coefficients.
+
+    ``step_active`` (int32 ``[1]``, optional): 0 zeroes every coefficient (no host sync).
+    """
     coef = mix_coefficients(av_index, av_scale, lora_a.shape[1])
+    if step_active is not None:
+        coef.mul_(step_active.to(coef.dtype))
     a_cat, b_cat = dense_weights(lora_a, lora_b, out_slices)
     blend_scaled_ranks(y, x, a_cat, b_cat, coef, lora_a.shape[2])
 
 
-def _check_shapes(y, x, lora_a, lora_b, av_index, av_scale, out_slices) -> None:
+def _check_shapes(y, x, lora_a, lora_b, av_index, av_scale, step_active, out_slices) -> None:
     num_slices, num_avs, rank, d_in = lora_a.shape
     if len(out_slices) != num_slices:
         raise ValueError(f"out_slices has {len(out_slices)} entries, lora_a has {num_slices} slices")
@@ -115,6 +126,8 @@ def _check_shapes(y, x, lora_a, lora_b, av_index, av_scale, out_slices) -> None:
         raise ValueError(f"x {tuple(x.shape)} / y {tuple(y.shape)} do not fit lora_a/lora_b")
     if av_index.shape != av_scale.shape or av_index.shape[0] != y.shape[0]:
         raise ValueError(f"av_index {tuple(av_index.shape)} / av_scale {tuple(av_scale.shape)} do not fit T={y.shape[0]}")
+    if step_active.shape != (1,) or step_active.dtype != torch.int32:
+        raise ValueError(f"step_active must be int32 [1], got {step_active.dtype} {tuple(step_active.shape)}")
 
 
 @torch.library.custom_op("vllm_av::blend_", mutates_args=("y",))
@@ -125,53 +138,54 @@ def blend_(
     lora_b: torch.Tensor,
     av_index: torch.Tensor,
     av_scale: torch.Tensor,
+    step_active: torch.Tensor,
     out_slices: list[int],
 ) -> None:
     """``y += blend(x)`` in place; see the module docstring for the layout."""
-    _check_shapes(y, x, lora_a, lora_b, av_index, av_scale, out_slices)
-    blend_reference(y, x, lora_a, lora_b, av_index, av_scale, out_slices)
+    _check_shapes(y, x, lora_a, lora_b, av_index, av_scale, step_active, out_slices)
+    if op_impl_name(y.device.type) == "triton":
+        from vllm_av.kernels.blend import blend_triton
+
+        blend_triton(y, x, lora_a, lora_b, av_index, av_scale, step_active, out_slices)
+    else:
+        blend_reference(y, x, lora_a, lora_b, av_index, av_scale, out_slices, step_active)
 
 
 @blend_.register_fake
-def _(y, x, lora_a, lora_b, av_index, av_scale, out_slices) -> None:
+def _(y, x, lora_a, lora_b, av_index, av_scale, step_active, out_slices) -> None:
     return None
 
 
-_cuda_impl: str | None = None
+_op_impls: dict[str, str] = {}
 
 
-def cuda_impl_name() -> str:
-    """The implementation used on CUDA: ``triton`` if it imports, else ``reference``.
+def op_impl_name(device_type: str) -> str:
+    """The implementation the op runs on ``device_type`` (``cuda``, ``cpu``): ``triton`` or ``reference``.
 
-    ``VLLM_AV_BLEND_IMPL=reference|triton`` forces one. The choice is logged once.
+    ``VLLM_AV_BLEND_IMPL`` (``auto``, ``triton``, ``reference``) forces one. ``auto``: Triton on
+    CUDA if it imports (else the reference, with a warning), the reference on CPU. Triton on CPU
+    runs in Triton's interpreter, so it needs ``TRITON_INTERPRET=1``. The choice is logged once.
     """
-    global _cuda_impl
-    if _cuda_impl is None:
+    impl = _op_impls.get(device_type)
+    if impl is None:
         wanted = os.environ.get(IMPL_ENV, "auto").lower()
         if wanted not in ("auto", "triton", "reference"):
             raise ValueError(f"{IMPL_ENV}={wanted!r}: expected auto, triton or reference")
-        if wanted == "reference":
-            _cuda_impl = "reference"
+        if wanted == "triton" and device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"{IMPL_ENV}=triton on {device_type} runs the kernel in Triton's interpreter: "
+                             "set TRITON_INTERPRET=1 too")
+        if wanted == "reference" or (wanted == "auto" and device_type != "cuda"):
+            impl = "reference"
         else:
             try:
                 from vllm_av.kernels import blend as _  # noqa: F401
 
-                _cuda_impl = "triton"
+                impl = "triton"
             except ImportError as exc:
                 if wanted == "triton":
                     raise
                 logger.warning("vllm-av: Triton blend kernel unavailable (%s); using the torch reference", exc)
-                _cuda_impl = "reference"
-        logger.info("vllm-av: blend implementation on CUDA: %s", _cuda_impl)
-    return _cuda_impl
-
-
-@blend_.register_kernel("cuda")
-def _(y, x, lora_a, lora_b, av_index, av_scale, out_slices) -> None:
-    _check_shapes(y, x, lora_a, lora_b, av_index, av_scale, out_slices)
-    if cuda_impl_name() == "triton":
-        from vllm_av.kernels.blend import blend_triton
-
-        blend_triton(y, x, lora_a, lora_b, av_index, av_scale, out_slices)
-    else:
-        blend_reference(y, x, lora_a, lora_b, av_index, av_scale, out_slices)
+                impl = "reference"
+        _op_impls[device_type] = impl
+        logger.info("vllm-av: blend op on %s: %s", device_type, impl)
+    return impl

@@ -4,10 +4,12 @@ Class-level wraps, each a no-op for layers the AV loader did not touch:
 
 * ``BaseLinearLayerWithLoRA._apply_lora_to_output`` -- after the stock LoRA add, run
   ``torch.ops.vllm_av.blend_`` on layers that hold AV weights. The op is launched on every
-  forward, whatever the batch holds, so CUDA-graph capture never drops it. On CPU, where vLLM
-  neither compiles nor captures a LoRA model, layers call their CPU blend directly (the C kernel
-  or the dense GEMMs of :mod:`vllm_av.serving.blend.cpu`, weights laid out at load time) with the
-  step's tables (the custom-op dispatcher alone costs ~25 us a call) and skip steps without entries.
+  forward, whatever the batch holds, so CUDA-graph capture never drops it (a step without any
+  mix returns at once inside the kernel, from the tables' device-side ``step_active``). On CPU,
+  where vLLM neither compiles nor captures a LoRA model, layers call their CPU blend directly (the
+  C kernel or the dense GEMMs of :mod:`vllm_av.serving.blend.cpu`, weights laid out at load time)
+  with the step's tables (the custom-op dispatcher alone costs ~25 us a call) and skip steps
+  without entries -- unless the op was chosen for CPU (:mod:`vllm_av.serving.blend.select`).
 * ``VocabParallelEmbeddingWithLoRA.forward``, ``LogitsProcessorWithLoRA._get_logits`` -- with
   stock LoRA off, the embedding and the logits run as in vanilla vLLM (every wrapped layer
   skips its empty stock LoRA math, so an AV server costs nothing extra without mixes).
@@ -44,9 +46,8 @@ def _install_layer_hook() -> None:
         num_tokens = y.shape[0]
         cpu_blend = self._av_cpu_blend  # None on CUDA
         if cpu_blend is None:
-            torch.ops.vllm_av.blend_(
-                y, x2d, self._av_a, self._av_b, tables.index[:num_tokens], tables.scale[:num_tokens], self._av_slices
-            )
+            torch.ops.vllm_av.blend_(y, x2d, self._av_a, self._av_b, tables.index[:num_tokens],
+                                     tables.scale[:num_tokens], tables.step_active, self._av_slices)
         elif tables.active:  # CPU: nothing is compiled or captured, so steps without mixes are skipped
             cpu_blend.from_tables(y, x2d, tables)
         return output

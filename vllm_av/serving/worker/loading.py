@@ -2,9 +2,10 @@
 
 After vLLM wraps the model's linear layers for LoRA, :func:`install` loads every AV of the
 library with vLLM's own LoRA loader (so q/k/v and gate/up packing, alpha/r folding and
-tensor-parallel slicing are vLLM's) into per-layer buffers: on CUDA ``_av_a [S, N, R, in]`` and
-``_av_b [N, OUT, R]`` for the blend op, on CPU the same weights laid out for the layer's CPU
-blend (``_av_cpu_blend``: the C kernel or the dense GEMMs, :mod:`vllm_av.serving.blend.cpu`).
+tensor-parallel slicing are vLLM's) into per-layer buffers: for the blend op (on CUDA, and on CPU
+when chosen, :mod:`vllm_av.serving.blend.select`) ``_av_a [S, N, R, in]`` and ``_av_b [N, OUT, R]``,
+otherwise on CPU the same weights laid out for the layer's CPU blend (``_av_cpu_blend``: the C
+kernel or the dense GEMMs, :mod:`vllm_av.serving.blend.cpu`).
 They are separate from vLLM's LoRA slots, which vLLM wipes after warm-up, and keep fixed
 addresses for CUDA graphs. Every wrapped layer reads the runner's :class:`AVTables`.
 
@@ -20,9 +21,10 @@ from collections.abc import Sequence
 
 import torch
 
-import vllm_av.serving.blend.op  # registers torch.ops.vllm_av.blend_
-from vllm_av.serving.blend.cpu import CPUBlend, NativeCPUBlend, choose_cpu_blend, cpu_gemm_backend
+import vllm_av.serving.blend.op  # noqa: F401  (registers torch.ops.vllm_av.blend_)
 from vllm_av.serving import patch_points as points
+from vllm_av.serving.blend.cpu import CPUBlend, NativeCPUBlend
+from vllm_av.serving.blend.select import BlendChoice, choose_blend
 from vllm_av.serving.config import AVConfig
 from vllm_av.serving.library import AVEntry
 from vllm_av.serving.worker.layer_hooks import use_base_forward
@@ -54,21 +56,21 @@ def layer_stacks(layer, weights: list, rank: int) -> tuple[torch.Tensor, torch.T
     return lora_a, lora_b, [b.shape[2] for b in stacks_b]
 
 
-def attach_layer(layer, weights: list, tables: AVTables, ranks: list[int], rank: int, cpu_kernel=None) -> None:
+def attach_layer(layer, weights: list, tables: AVTables, ranks: list[int], rank: int, blend: BlendChoice) -> None:
     """Load ``weights`` (one vLLM ``LoRALayerWeights`` or None per AV slot) into ``layer``'s AV buffers.
 
     ``ranks``: each slot's AV rank; ``rank``: the buffers' rank (at least the largest);
-    ``cpu_kernel``: the C blend kernel for CPU layers (None: dense).
+    ``blend``: the engine's blend (:func:`vllm_av.serving.blend.select.choose_blend`).
     """
     lora_a, lora_b, slices = layer_stacks(layer, weights, rank)
-    if lora_a.device.type != "cpu":
+    if blend.form == "op":
         layer._av_a, layer._av_b, layer._av_slices = lora_a, lora_b, slices
         layer._av_cpu_blend = None
-    elif tables.dense:
+    elif blend.form == "dense":
         layer._av_cpu_blend = CPUBlend(lora_a, lora_b, slices)
     else:
         layer_ranks = [r if w is not None else 0 for r, w in zip(ranks, weights)]
-        layer._av_cpu_blend = NativeCPUBlend(cpu_kernel, lora_a, lora_b, slices, layer_ranks)
+        layer._av_cpu_blend = NativeCPUBlend(blend.cpu_kernel, lora_a, lora_b, slices, layer_ranks)
     layer._av_tables = tables
 
 
@@ -139,8 +141,8 @@ def install(runner, model, vllm_config, entries: Sequence[AVEntry], config: AVCo
     rank = config.max_rank if config.allow_runtime_updates else max(ranks)
     device = next(iter(model.parameters())).device
     max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
-    cpu_form, cpu_kernel = choose_cpu_blend(config.cpu_blend) if device.type == "cpu" else (None, None)
-    tables = AVTables(max_tokens, config.max_per_request, capacity, device, dense=cpu_form == "dense")
+    blend = choose_blend(device, config.cpu_blend)
+    tables = AVTables(max_tokens, config.max_per_request, capacity, device, dense=blend.form == "dense")
     layers, max_slices, attached = 0, 0, {}
     for name, layer in manager.modules.items():
         layer._av_skip_stock_lora = not config.stock_lora  # read by the layer hooks
@@ -148,25 +150,21 @@ def install(runner, model, vllm_config, entries: Sequence[AVEntry], config: AVCo
             continue
         weights = [manager._get_lora_layer_weights(lora_model, name) for lora_model in lora_models] + [None] * free
         if config.allow_runtime_updates or any(w is not None for w in weights):
-            attach_layer(layer, weights, tables, ranks, rank, cpu_kernel)
+            attach_layer(layer, weights, tables, ranks, rank, blend)
             layers, max_slices = layers + 1, max(max_slices, len(layer.lora_b_stacked))
             attached[name] = layer
-        if device.type == "cpu" and not config.stock_lora and layer.tp_size == 1:
+        if blend.form != "op" and not config.stock_lora and layer.tp_size == 1:
             use_base_forward(layer)
     refuse_unplaced(entries, lora_models, attached)
     if layers == 0:
         raise ValueError("vllm-av: no AV in the library matches a LoRA-capable layer of this model")
-    if device.type == "cuda":
-        impl = vllm_av.serving.blend.op.cuda_impl_name()
-    else:
-        impl = "C kernel (CPU)" if cpu_form == "native" else f"dense, {cpu_gemm_backend()} GEMMs (CPU)"
-    if impl == "triton":  # the kernel's scratch, sized now: nothing may allocate in a graph capture
+    if blend.label == "triton":  # the kernel's scratch, sized now: nothing may allocate in a graph capture
         from vllm_av.kernels.blend import reserve_scratch
 
-        reserve_scratch(device, max_tokens, max_slices, capacity)
+        reserve_scratch(device, max_tokens, max_slices, capacity, rank)
     logger.info(
         "vllm-av: %d AVs (max rank %d) on %d layers; up to %d per request; blend implementation: %s",
-        len(entries), rank, layers, config.max_per_request, impl,
+        len(entries), rank, layers, config.max_per_request, blend.label,
     )
     if config.allow_runtime_updates:
         logger.info("vllm-av: runtime updates on: %d AV slots of rank %d on every LoRA-capable linear layer",
@@ -177,4 +175,5 @@ def install(runner, model, vllm_config, entries: Sequence[AVEntry], config: AVCo
     needs_mapping = config.stock_lora or not all(isinstance(m, skippable) for m in manager.modules.values())
     state = AVWorkerState(entries, config, tables, vllm_config.scheduler_config.max_num_seqs, needs_mapping)
     state.layers = attached
+    state.blend = blend
     return state

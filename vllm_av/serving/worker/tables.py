@@ -25,11 +25,15 @@ logger = logging.getLogger("vllm.av")
 class AVTables:
     """Persistent per-token tables read by every AV layer, in one of two forms.
 
-    * op form (CUDA): ``index/scale [max_tokens, M]``, read by ``torch.ops.vllm_av.blend_``.
+    * op form: ``index/scale [max_tokens, M]`` and ``step_active [1]`` (int32, 1 when the step
+      has any entry), read by ``torch.ops.vllm_av.blend_`` (on CUDA, and on CPU when the op is
+      chosen) and by the C kernel.
     * dense form (CPU, ``dense=True``): ``coef [max_tokens, N]``, the sum of the scales each token
-      gives each AV (what :func:`vllm_av.serving.blend.op.blend_scaled_ranks` reads), and ``active``: whether the step has any
-      entry, so CPU layers skip steps without mixes (never used on CUDA, where a host-side
-      branch would break graph capture).
+      gives each AV (what :func:`vllm_av.serving.blend.op.blend_scaled_ranks` reads).
+
+    ``active`` (host bool, both forms): whether the step has any entry, so CPU blends skip steps
+    without mixes (never read by the op, where a host-side branch would break graph capture: the
+    op reads the device-side ``step_active`` instead).
     """
 
     def __init__(
@@ -47,15 +51,17 @@ class AVTables:
         shape = (max_tokens, max_per_request)
         self.index = torch.full(shape, -1, dtype=torch.int32, device=device)
         self.scale = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.step_active = torch.zeros(1, dtype=torch.int32, device=device)
         if device.type == "cpu":
-            self._host = [(self.index, self.scale)]  # written in place, no copy
+            self._host = [(self.index, self.scale, self.step_active)]  # written in place, no copy
             self._copied = [None]
         else:
             # Pinned staging buffers, alternated. Under async scheduling the host may prepare a
             # step while earlier steps' copies are still queued: each buffer's last copy records
             # an event, and the buffer is rewritten only once that copy has run.
             self._host = [
-                (torch.full(shape, -1, dtype=torch.int32).pin_memory(), torch.zeros(shape).pin_memory())
+                (torch.full(shape, -1, dtype=torch.int32).pin_memory(), torch.zeros(shape).pin_memory(),
+                 torch.zeros(1, dtype=torch.int32).pin_memory())
                 for _ in range(2)
             ]
             self._copied = [torch.cuda.Event() for _ in self._host]
@@ -81,7 +87,7 @@ class AVTables:
             return
         turn = self._turn
         self._turn = (turn + 1) % len(self._host)
-        host_index, host_scale = self._host[turn]
+        host_index, host_scale, host_active = self._host[turn]
         copied = self._copied[turn]
         if copied is not None:
             copied.synchronize()  # the copy that last read this buffer has run (returns at once if never recorded)
@@ -95,9 +101,11 @@ class AVTables:
         if rows > written:
             hi[written:rows] = -1
             hs[written:rows] = 0.0
+        host_active[0] = int(self.active)
         if host_index is not self.index:
             self.index[:rows].copy_(host_index[:rows], non_blocking=True)
             self.scale[:rows].copy_(host_scale[:rows], non_blocking=True)
+            self.step_active.copy_(host_active, non_blocking=True)
             copied.record()
 
     def write_dense(self, pool_coef: torch.Tensor, token_rows: np.ndarray | None, num_tokens: int) -> None:
@@ -128,6 +136,7 @@ class AVWorkerState:
         self.requests: dict = {}
         self.steering = None  # a worker.steering.Steering when RE-Control is on: armed every step
         self.layers: dict = {}  # module name -> the LoRA layer holding AV buffers (set by the loader)
+        self.blend = None  # the engine's BlendChoice (set by the loader)
         self.runtime = None  # a worker.runtime.RuntimeSlots when runtime updates are on
         self._stale = False  # the library changed: mixes must be resolved again before the next step
         self._capacity = max(4 * max_live_mixes, 64)  # > 2x the live requests: room after compaction
