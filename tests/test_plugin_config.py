@@ -1,5 +1,7 @@
 """Engine configurations the plugin refuses with AV on, each with a message that names the fix."""
 
+from types import SimpleNamespace
+
 import pytest
 
 pytestmark = pytest.mark.vllm
@@ -97,18 +99,63 @@ def test_the_compile_cache_key_covers_the_library_contents(demo_paths, tmp_path)
 @pytest.mark.parametrize("env, kwargs, message", [
     ({"VLLM_LORA_ENABLE_DUAL_STREAM": "1"}, {}, "VLLM_LORA_ENABLE_DUAL_STREAM is not supported with AV"),
     ({}, {"speculative_config": {"method": "eagle", "model": "x", "num_speculative_tokens": 2}},
-     "speculative decoding with AV supports method 'ngram' only; got 'eagle'"),
+     "speculative decoding with AV supports method 'ngram' or 'ngram_gpu' only; got 'eagle'"),
     ({}, {"enable_lora": True, "fully_sharded_loras": True}, "--fully-sharded-loras is not supported with AV"),
     ({}, {"data_parallel_size": 2, "av": {"allow_runtime_updates": True}},
      r"--av-allow-runtime-updates is not supported with data parallel \(--data-parallel-size 2\)"),
     ({}, {"av": {"allow_runtime_updates": True, "max_loaded": 2}},
      "--av-max-loaded 2 is below the library's 9 AVs"),
+    # vLLM refuses these with LoRA on, telling the user to run "without enable_lora" (issue 33)
+    ({}, {"prefill_context_parallel_size": 2}, r"prefill context parallel \(--prefill-context-parallel-size 2\) "
+     "is not supported with AV"),
+    ({}, {"enable_dbo": True}, r"dual-batch overlap \(--enable-dbo\) is not supported with AV"),
+    ({}, {"speculative_config": {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 1,
+                                 "prompt_lookup_max": 2, "enable_adaptive_verification": True}},
+     "adaptive verification is not supported with AV"),
+    ({}, {"moe_backend": "deep_gemm_mega_moe"}, "--moe-backend deep_gemm_mega_moe is not supported with AV"),
+    ({}, {"moe_backend": "batched_triton"}, "--moe-backend batched_triton is not supported with AV"),
+    ({}, {"enable_expert_parallel": True, "all2all_backend": "deepep_low_latency"},
+     "--all2all-backend deepep_low_latency with expert parallel is not supported with AV"),
 ])
 def test_unsupported_settings_are_refused(demo_paths, monkeypatch, env, kwargs, message):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=message):
         engine_config(demo_paths, **kwargs)
+
+
+def test_ngram_gpu_speculation_is_accepted(demo_paths):
+    """vLLM 0.34 runs ``ngram_gpu`` with the same draft-model-free speculator as ``ngram`` (issue 33)."""
+    from vllm_av.serving.engine_config import _refuse_unsupported
+    from vllm_av.serving.config import AVConfig
+
+    args = SimpleNamespace(pipeline_parallel_size=1, fully_sharded_loras=False, data_parallel_size=1,
+                           speculative_config={"method": "ngram_gpu", "num_speculative_tokens": 2})
+    _refuse_unsupported(args, AVConfig(path=str(demo_paths[1])))
+
+
+def test_a_model_without_lora_support_is_refused_in_av_words(tmp_path):
+    """vLLM has no LoRA for StableLM (0.32); the start fails naming AV, not "run without enable_lora"."""
+    from transformers import AutoModelForCausalLM, StableLmConfig
+
+    from vllm_av.offline.extract import extract
+    from vllm_av.testing.models import build_tokenizer, make_aligned_variant
+
+    base = tmp_path / "stablelm"
+    tokenizer = build_tokenizer(base)
+    config = StableLmConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(base), safe_serialization=True)
+    extract(base, make_aligned_variant(base, tmp_path / "aligned", seed=1), tmp_path / "avs" / "a", rank=2,
+            progress=False)
+    from vllm.model_executor.models.registry import ModelRegistry
+    from vllm.model_executor.models import supports_lora
+
+    if supports_lora(ModelRegistry._try_load_model_cls("StableLmForCausalLM")):
+        pytest.skip("this vLLM has LoRA for StableLM")
+    with pytest.raises(ValueError, match=r"vllm-av: StableLmForCausalLM \(.*\) cannot serve AVs: AVs ride on vLLM's "
+                                         r"LoRA layers, which this model does not have in vLLM"):
+        engine_config((base, tmp_path / "avs"))
 
 
 def test_runtime_updates_with_several_api_servers_are_refused_at_the_command_line(demo_paths):
@@ -125,3 +172,29 @@ def test_runtime_updates_with_several_api_servers_are_refused_at_the_command_lin
     args.api_server_count = 2
     with pytest.raises(SystemExit, match="--av-allow-runtime-updates needs one API server \\(got --api-server-count 2\\)"):
         AsyncEngineArgs.from_cli_args(args)
+
+
+def test_runtime_update_targets_are_the_linear_layers_and_never_moe_experts():
+    """With runtime updates the worker sets vLLM's LoRA targets to the model's linear layers before
+    vLLM wraps it (``linear_lora_targets``); MoE experts are not linear layers in vLLM, so they stay
+    vLLM's own, with their full kernel choice."""
+    import torch.nn as nn
+    from vllm.model_executor.layers.fused_moe import MoERunner  # what vLLM wraps for expert LoRA
+    from vllm.model_executor.layers.linear import LinearBase
+
+    from vllm_av.serving.worker.runner_hooks import linear_lora_targets
+
+    assert not issubclass(MoERunner, LinearBase)
+
+    class Linear(LinearBase):
+        def __init__(self):
+            nn.Module.__init__(self)
+
+    mlp = nn.Module()
+    mlp.gate, mlp.experts, mlp.shared_expert = Linear(), nn.Module(), nn.Module()
+    mlp.shared_expert.gate_up_proj = Linear()
+    layer = nn.Module()
+    layer.self_attn, layer.mlp = nn.Module(), mlp
+    layer.self_attn.qkv_proj = Linear()
+    model = nn.Sequential(layer, nn.Embedding(4, 4))
+    assert linear_lora_targets(model) == ["gate", "gate_up_proj", "qkv_proj"]

@@ -297,9 +297,16 @@ def test_capacity_is_fixed_at_start(server, avs):
     assert names(server) == ["alpha_attn", "beta_attn"]
 
 
+def _lora_targets_and_wrapped(worker):
+    runner = worker.model_runner
+    modules = runner.lora_manager._adapter_manager.modules.values()
+    return runner.vllm_config.lora_config.target_modules, sorted({type(m).__name__ for m in modules})
+
+
 def test_offline_an_empty_library_filled_at_runtime(demo, tmp_path):
     """``AVRuntime`` over ``LLM``: an engine started with no AV serves one loaded later (= the oracle),
-    refuses a second name beyond ``max_loaded`` and forgets an unloaded one."""
+    refuses a second name beyond ``max_loaded`` and forgets an unloaded one. Its LoRA wraps the
+    linear layers only (issue 33: not the embeddings, lm_head or MoE experts)."""
     from vllm import LLM, SamplingParams
 
     from test_vllm_plugin import ENGINE
@@ -311,6 +318,10 @@ def test_offline_an_empty_library_filled_at_runtime(demo, tmp_path):
     settings = {"path": str(tmp_path / "empty"), "allow_runtime_updates": True, "max_loaded": 1}
     llm = LLM(str(model), **ENGINE, additional_config={"av": settings})
     try:
+        (targets, wrapped), = llm.collective_rpc(_lora_targets_and_wrapped)
+        assert targets == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
+        assert wrapped == ["MergedColumnParallelLinearWithLoRA", "MergedQKVParallelLinearWithLoRA",
+                           "RowParallelLinearWithLoRA"]
         runtime = AVRuntime(llm)
         assert runtime.list() == []
         assert runtime.load("beta", str(library / "beta"))["replaced"] is False

@@ -212,3 +212,27 @@ def test_mrv2_hooks_fill_rows_from_the_input_batch_layout(dense):
     record_new_requests(state, SimpleNamespace(scheduled_new_reqs=[  # ... and re-sends it in full
         SimpleNamespace(req_id="r3", sampling_params=reqs["r3"].sampling_params)]))
     step(["r1", "r2", "r3"], [1, 1, 9])
+
+
+def test_step_active_flag_follows_the_batch():
+    """The op form's device-side flag: 1 exactly when the step has an entry (the Triton kernel returns
+    at once on 0), and it is cleared when a step without mixes follows one with mixes."""
+    state = make_state(dense=False)
+    flag = state.tables.step_active
+    assert flag.tolist() == [0]
+    check(state, requests({"r1": {"a": 1.0}, "r2": None}), ["r1", "r2"], [2, 1])
+    assert flag.tolist() == [1]
+    check(state, requests({"r2": None}), ["r2"], [3])
+    assert flag.tolist() == [0]
+
+
+def test_a_request_id_sent_again_gets_its_new_mix(dense):
+    """Client ids (VLLM_DISABLE_REQUEST_ID_RANDOMIZATION=1): once the runner drops request "x", an "x"
+    sent later with another mix is served with that mix, not the earlier one, in the same batch
+    position with the same token count too (the step cache must not hide it)."""
+    state = make_state(dense)
+    check(state, requests({"x": {"a": 1.0}}), ["x"], [1])
+    state.forget("x")  # what the runner hooks call when the request finishes
+    check(state, requests({"x": {"b": -0.5}}), ["x"], [1])
+    state.forget("x")
+    check(state, requests({"x": None}), ["x"], [1])

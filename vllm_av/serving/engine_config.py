@@ -19,7 +19,14 @@ from vllm_av.serving.value_library import value_library_for
 logger = logging.getLogger("vllm.av")
 
 # Speculators that need no draft model (a draft model would be LoRA-wrapped without the AV tables).
-SPECULATORS_WITH_AV = ("ngram",)
+SPECULATORS_WITH_AV = ("ngram", "ngram_gpu")
+# all2all backends whose MoE activation layout vLLM's MoE LoRA path refuses (batched or padded)
+ALL2ALL_WITHOUT_LORA = ("deepep_low_latency", "deepep_v2", "nixl_ep")
+WHY_LORA = "AVs ride on vLLM's LoRA layers, which"
+
+
+def _speculative_setting(speculative, key: str):
+    return speculative.get(key) if isinstance(speculative, dict) else getattr(speculative, key, None)
 
 
 def _refuse_unsupported(engine_args, config) -> None:
@@ -43,10 +50,34 @@ def _refuse_unsupported(engine_args, config) -> None:
     if config.recontrol_path and getattr(engine_args, "enable_batch_sharded_sampling", False):
         raise ValueError("vllm-av: --enable-batch-sharded-sampling is not supported with RE-Control")
     if speculative:
-        method = speculative.get("method") if isinstance(speculative, dict) else getattr(speculative, "method", None)
+        method = _speculative_setting(speculative, "method")
         if method not in SPECULATORS_WITH_AV:
             raise ValueError(f"vllm-av: speculative decoding with AV supports method "
                              f"{' or '.join(map(repr, SPECULATORS_WITH_AV))} only; got {method!r}")
+        if _speculative_setting(speculative, "enable_adaptive_verification"):
+            raise ValueError(f"vllm-av: adaptive verification is not supported with AV ({WHY_LORA} it does not "
+                             "support); turn enable_adaptive_verification off")
+    # settings vLLM refuses with LoRA on, in words that would tell an AV user to drop a flag they never set
+    if getattr(engine_args, "prefill_context_parallel_size", 1) > 1:
+        raise ValueError(f"vllm-av: prefill context parallel (--prefill-context-parallel-size "
+                         f"{engine_args.prefill_context_parallel_size}) is not supported with AV ({WHY_LORA} it "
+                         "does not support); use --tensor-parallel-size")
+    if getattr(engine_args, "enable_dbo", False):
+        raise ValueError(f"vllm-av: dual-batch overlap (--enable-dbo) is not supported with AV ({WHY_LORA} it does "
+                         "not support); drop --enable-dbo")
+    _refuse_moe_layouts(engine_args)
+
+
+def _refuse_moe_layouts(engine_args) -> None:
+    """MoE kernels vLLM cannot run with LoRA on (and AVs need LoRA on), refused before vLLM does."""
+    moe_backend = getattr(engine_args, "moe_backend", "auto")
+    if moe_backend in points.MEGA_MOE_BACKENDS.get() | {"aiter_mega_moe", "batched_triton"}:
+        raise ValueError(f"vllm-av: --moe-backend {moe_backend} is not supported with AV ({WHY_LORA} its MoE "
+                         "kernels do not support); choose another --moe-backend")
+    all2all = getattr(engine_args, "all2all_backend", None)
+    if getattr(engine_args, "enable_expert_parallel", False) and all2all in ALL2ALL_WITHOUT_LORA:
+        raise ValueError(f"vllm-av: --all2all-backend {all2all} with expert parallel is not supported with AV "
+                         f"({WHY_LORA} need the standard MoE activation layout); choose another --all2all-backend")
 
 
 def _refuse_moe_on_cpu(vllm_config) -> None:
@@ -64,9 +95,26 @@ def target_modules(entries) -> list[str]:
     return sorted({module.rsplit(".", 1)[-1] for entry in entries for module in entry.modules})
 
 
+def _refuse_models_without_lora(model_config) -> None:
+    """AVs ride on vLLM's LoRA layers: a model class without LoRA support cannot serve them."""
+    model_cls, architecture = model_config.registry.resolve_model_cls(model_config.architectures, model_config)
+    if not points.SUPPORTS_LORA.get()(model_cls):
+        raise ValueError(f"vllm-av: {architecture} ({model_config.model}) cannot serve AVs: {WHY_LORA} this "
+                         "model does not have in vLLM (it does not implement SupportsLoRA)")
+
+
 def install() -> None:
     """When AV is on: validate, enable LoRA (AVs ride on vLLM's LoRA layers), key the compile cache."""
     original_create = points.ENGINE_CREATE_CONFIG.get()
+    original_model_config = points.ENGINE_CREATE_MODEL_CONFIG.get()
+
+    def create_model_config(self, *args, **kwargs):
+        model_config = original_model_config(self, *args, **kwargs)
+        if av_config_from(self.additional_config) is not None:
+            _refuse_models_without_lora(model_config)
+        return model_config
+
+    points.ENGINE_CREATE_MODEL_CONFIG.replace(create_model_config)
 
     def create_engine_config(self, *args, **kwargs):
         config = av_config_from(self.additional_config)

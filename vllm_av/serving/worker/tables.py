@@ -182,6 +182,15 @@ class AVWorkerState:
                 logger.error("vllm-av: request %s: %s; serving it without AV", req_id, exc)
         self._req_row[req_id] = self._row_for_mix(mix)
 
+    def forget(self, req_id: str) -> None:
+        """Request ``req_id`` left the runner (finished, aborted or preempted): drop its mix, so that
+        the same id sent again later (client ids, ``VLLM_DISABLE_REQUEST_ID_RANDOMIZATION=1``) is
+        resolved afresh instead of keeping the old request's mix."""
+        self._req_row.pop(req_id, None)
+        self._last_ids = []  # the next step refills the tables
+        if self.steering is not None:
+            self.steering.forget(req_id)
+
     def set_slot(self, name: str, slot: int | None) -> None:
         """Runtime updates: AV ``name`` now lives in ``slot`` (None: unloaded). Takes effect at the next step."""
         if slot is None:
