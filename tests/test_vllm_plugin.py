@@ -12,12 +12,14 @@ wrong scale, sign or AV (those move logprobs by > 0.1).
 from __future__ import annotations
 
 import pytest
+from conftest import max_tokens
 
 from vllm_av.testing.oracle import oracle_greedy
 
 pytestmark = pytest.mark.vllm
+blend_path = pytest.mark.blend_path
 
-MAX_TOKENS = 10
+MAX_TOKENS = max_tokens(10)
 # On CPU this is the share of the NUMA node's memory vLLM insists is free at start; the default
 # (0.92) fails whenever anything else runs. The KV cache itself is VLLM_CPU_KVCACHE_SPACE.
 ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=16, gpu_memory_utilization=0.4)
@@ -50,17 +52,19 @@ def llm(demo):
     del engine
 
 
-def _runner_kind(worker) -> str:
+def _runner_and_blend(worker) -> tuple[str, str]:
     runner = worker.model_runner
     assert getattr(runner, "_vllm_av", None) is not None, "the AV state was not installed"
-    return "v2" if hasattr(runner, "lora_state") else "v1"
+    return ("v2" if hasattr(runner, "lora_state") else "v1"), runner._vllm_av.blend.label
 
 
-def test_engine_serves_avs_on_the_runner_under_test(llm):
-    """VLLM_USE_V2_MODEL_RUNNER=1: Model Runner V2 (MRV2 keeps a ``lora_state``), else the classic runner."""
-    from conftest import RUNNER
+@blend_path
+def test_engine_serves_avs_on_the_runner_and_blend_under_test(llm):
+    """VLLM_USE_V2_MODEL_RUNNER=1: Model Runner V2 (MRV2 keeps a ``lora_state``), else the classic runner;
+    VLLM_AV_BLEND_IMPL=triton: the Triton kernel, else the C kernel."""
+    from conftest import EXPECTED_BLEND, RUNNER
 
-    assert llm.collective_rpc(_runner_kind) == [RUNNER]
+    assert llm.collective_rpc(_runner_and_blend) == [(RUNNER, EXPECTED_BLEND)]
 
 
 def params(mix=None, max_tokens=MAX_TOKENS):
@@ -83,6 +87,7 @@ def tokens_and_logprobs(output):
     return tokens, [step[t].logprob for step, t in zip(completion.logprobs, tokens)]
 
 
+@blend_path
 @pytest.mark.parametrize("mix", MIXES, ids=lambda m: "+".join(f"{k}{v:+}" for k, v in m.items()))
 def test_served_mix_matches_merged_weights_oracle(llm, demo, mix):
     outputs = llm.generate(PROMPTS, params(mix), use_tqdm=False)
@@ -117,6 +122,7 @@ def test_mix_changes_output(llm):
     assert base.outputs[0].token_ids != mixed.outputs[0].token_ids
 
 
+@blend_path
 def test_heterogeneous_batch_rows_equal_isolated_runs(llm, demo):
     from vllm.lora.request import LoRARequest
 
@@ -141,6 +147,7 @@ def test_heterogeneous_batch_rows_equal_isolated_runs(llm, demo):
     assert batch[3].outputs[0].token_ids == as_mix.outputs[0].token_ids
 
 
+@blend_path
 def test_zero_scales_and_empty_mix_are_the_base_model(llm):
     base, zero, empty = llm.generate(
         PROMPTS[:1] * 3, [params(), params({"alpha": 0.0, "beta": 0}), params({})], use_tqdm=False
@@ -148,6 +155,7 @@ def test_zero_scales_and_empty_mix_are_the_base_model(llm):
     assert tokens_and_logprobs(zero) == tokens_and_logprobs(base) == tokens_and_logprobs(empty)
 
 
+@blend_path
 def test_prefix_cache_is_isolated_per_mix(llm, demo):
     """The same long prompt under two mixes, prefix caching on: each gets its own oracle output."""
     assert llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
@@ -161,6 +169,25 @@ def test_prefix_cache_is_isolated_per_mix(llm, demo):
     for mix, output in runs:
         ((want_tokens, _),) = oracle(demo, mix or {}, [prompt])
         assert list(output.outputs[0].token_ids) == want_tokens, mix
+
+
+@blend_path
+def test_a_client_request_id_sent_again_gets_its_own_mix(llm, demo, monkeypatch):
+    """With ``VLLM_DISABLE_REQUEST_ID_RANDOMIZATION=1`` request ids are the client's own: the same id,
+    sent again after its request finished, is served with its new mix (issue 33: the runners kept
+    the finished request's mix under its id)."""
+    monkeypatch.setenv("VLLM_DISABLE_REQUEST_ID_RANDOMIZATION", "1")  # read by the input processor, here
+    engine = llm.llm_engine
+    for mix in ({"alpha": 1.0}, {"beta": 2.5}, None):
+        engine.add_request("client-7", PROMPTS[0], params(mix))
+        finished = []
+        while engine.has_unfinished_requests():
+            finished += [out for out in engine.step() if out.finished]
+        assert [out.request_id for out in finished] == ["client-7"]
+        ((want_tokens, want_logprobs),) = oracle(demo, mix or {}, PROMPTS[:1])
+        tokens, logprobs = tokens_and_logprobs(finished[0])
+        assert tokens == want_tokens, mix
+        assert max(abs(a - b) for a, b in zip(logprobs, want_logprobs)) < LOGPROB_TOL, mix
 
 
 @pytest.mark.parametrize(
@@ -213,3 +240,29 @@ def test_dense_cpu_blend_matches_oracle_in_one_mixed_batch(dense_llm, demo):
         tokens, logprobs = tokens_and_logprobs(output)
         assert tokens == want_tokens, mix
         assert max(abs(a - b) for a, b in zip(logprobs, want_logprobs)) < LOGPROB_TOL, mix
+
+
+def _graph_lora_cases(worker):
+    """The runner's CUDA-graph LoRA cases (capture, and dispatch of a dummy run on MRV2)."""
+    runner = worker.model_runner
+    if hasattr(runner, "lora_state"):  # Model Runner V2
+        from vllm.v1.worker.gpu import model_runner as mrv2
+
+        dummy = mrv2.get_num_active_loras_for_dispatch(runner.lora_config, runner.lora_state, [], True)
+        return runner.lora_capture_cases, runner.cudagraph_manager.lora_capture_cases, dummy
+    return (runner.cudagraph_dispatcher._get_lora_cases(),)
+
+
+def test_graphs_without_lora_only_when_lora_carries_only_the_avs(llm, dense_llm):
+    """Issue 33: with LoRA on only to carry the AVs, no step activates a LoRA, so graphs are captured
+    (and dummy runs dispatched) for 0 active LoRAs only; vLLM captured every graph twice. With the
+    user's own --enable-lora (4 slots) vLLM's cases stay."""
+    from conftest import RUNNER
+
+    stock, av_only = llm.collective_rpc(_graph_lora_cases)[0], dense_llm.collective_rpc(_graph_lora_cases)[0]
+    if RUNNER == "v2":
+        assert stock == ([0, 5], [0, 5], 5)
+        assert av_only == ([0], [0], 0)
+    else:
+        assert stock == ([0, 5],)
+        assert av_only == ([0],)

@@ -17,16 +17,18 @@ from pathlib import Path
 
 import pytest
 import requests
+from conftest import EXPECTED_BLEND, max_tokens
 
 from vllm_av.cli.server_process import CPU_FLAGS, ServerProcess
-from vllm_av.testing.models import build_demo
+from vllm_av.testing.models import DEMO_SIZES, build_demo
 from vllm_av.testing.oracle import oracle_recontrol_tokens, oracle_tokens
 from vllm_av.testing.values import build_value_library
 
 pytestmark = pytest.mark.vllm
+blend_path = pytest.mark.blend_path
 
 VLLM_AV = str(Path(sys.executable).parent / "vllm-av")
-MAX_TOKENS = 8
+MAX_TOKENS = max_tokens(8)
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +42,19 @@ def values(demo, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(demo, values, tmp_path_factory):
+def server_log(tmp_path_factory):
+    return tmp_path_factory.mktemp("server") / "server.log"
+
+
+@pytest.fixture(scope="module")
+def server(demo, values, server_log):
     model, library = demo
     command = [
         VLLM_AV, "serve", str(model), "--av-path", str(library), "--av-max-per-request", "3", "--av-max-abs-scale", "3",
         "--enable-lora", "--max-loras", "2", "--lora-modules", f"beta_lora={library / 'beta'}",
         "--av-recontrol-path", str(values), "--av-recontrol-max-steps", "16", *CPU_FLAGS,
     ]
-    with ServerProcess(command, tmp_path_factory.mktemp("server") / "server.log") as process:
+    with ServerProcess(command, server_log) as process:
         yield process.url, str(model)
 
 
@@ -59,6 +66,12 @@ def complete(url, model, prompt, av=None, **extra):
     return requests.post(f"{url}/v1/completions", json=body, timeout=60)
 
 
+@blend_path
+def test_the_log_names_the_blend_implementation(server, server_log):
+    """The server says which blend its AV layers run (the Triton kernel in CI's blend_path pass)."""
+    assert f"blend implementation: {EXPECTED_BLEND}" in server_log.read_text()
+
+
 def test_listing_endpoint(server):
     url, _ = server
     listing = requests.get(f"{url}/v1/av", timeout=10).json()
@@ -66,7 +79,8 @@ def test_listing_endpoint(server):
     assert all(av["compatibility"] == "same_base" and av["rank"] == 4 for av in listing["data"])
     assert listing["limits"]["max_per_request"] == 3 and listing["limits"]["max_abs_scale"] == 3.0
     assert [v["name"] for v in listing["value_functions"]] == ["brief", "helpful"]
-    assert all(v["compatibility"] == "same_base" and v["hidden_size"] == 128 for v in listing["value_functions"])
+    assert all(v["compatibility"] == "same_base" and v["hidden_size"] == DEMO_SIZES["hidden_size"]
+               for v in listing["value_functions"])
     assert listing["limits"]["recontrol_max_steps"] == 16 and "recontrol_path" not in listing["limits"]
     assert "runtime_updates" not in listing
 
@@ -79,6 +93,7 @@ def test_runtime_updates_are_off_by_default(server, demo):
         assert "runtime AV updates are off; start the server with --av-allow-runtime-updates" in response.text
 
 
+@blend_path
 def test_concurrent_mixed_requests_match_oracle(server, demo):
     from openai import OpenAI
 
@@ -105,6 +120,7 @@ def tokenize(url, model, prompt):
     return requests.post(f"{url}/tokenize", json={"model": model, "prompt": prompt}, timeout=10).json()["tokens"]
 
 
+@blend_path
 def test_chat_completion_with_mix(server, demo):
     from openai import OpenAI
 
@@ -140,6 +156,7 @@ def test_json_object_mix_equals_string_mix(server):
     assert chat({"gamma": 1.5}) == chat("gamma:1.5")
 
 
+@blend_path
 def test_regular_lora_beside_av(server):
     url, model = server
     prompt = "legal: the court said"
@@ -205,6 +222,7 @@ def steer(name, alpha, steps):
     return {"recontrol": name, "recontrol_alpha": alpha, "recontrol_steps": steps}
 
 
+@blend_path
 def test_concurrent_recontrol_requests_match_the_reference(server, demo, values):
     url, model = server
     cases = [("medical: the patient", None, None), ("medical: the patient", None, ("helpful", 0.5, 4)),

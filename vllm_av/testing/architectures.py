@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-SIZES = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+# widths that are not powers of two, as in real models (see vllm_av.testing.models.DEMO_SIZES); heads of 32
+SIZES = dict(hidden_size=192, intermediate_size=320, num_hidden_layers=2, num_attention_heads=6,
              num_key_value_heads=2, max_position_embeddings=1024)
 # family -> (transformers config class, settings beside SIZES)
 ARCHITECTURES: dict[str, tuple[str, dict]] = {

@@ -160,6 +160,9 @@ def _expert_weight(name: str, w) -> bool:
 
 
 DEMO_AVS = {"alpha": 1, "beta": 2, "gamma": 3}  # AV name -> seed of its perturbation
+# The demo model's widths are not powers of two, as real models' are not (576, 896, 1536, ...):
+# 192 and 320 are 3 and 5 blocks of the Triton kernel's K split (issue 33). Heads of 32.
+DEMO_SIZES = dict(hidden_size=192, intermediate_size=320, num_heads=6, num_kv_heads=2)
 
 
 def build_demo(
@@ -177,7 +180,7 @@ def build_demo(
     base = root / "model"
     library = root / "avs"
     if not (base / "config.json").is_file():
-        build_tiny_model(base)
+        build_tiny_model(base, **DEMO_SIZES)
     for name, seed in avs.items():
         if (library / name / "av.json").is_file():
             continue
