@@ -158,6 +158,23 @@ def serve_command(p: argparse.ArgumentParser) -> Runner:
     return run
 
 
+@subcommand("check", "self-test with the installed vLLM: serve two AVs on a tiny model with real widths, every row of "
+                     "a batch its own mix, against the merged-weights oracle (run it first on a new machine)")
+def check_command(p: argparse.ArgumentParser) -> Runner:
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda where available, else cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="the served model's dtype (default float32: the tightest comparison)")
+    p.add_argument("--dir", default=None, help="build the model and AVs here and keep them (default: a temporary dir)")
+    p.add_argument("--json", dest="json_out", default=None, help="also write the report as JSON to this file")
+
+    def run(args: argparse.Namespace) -> int:
+        from vllm_av.cli.check import run_check
+
+        return run_check(args.device, args.dtype, args.dir, args.json_out)
+
+    return run
+
+
 @subcommand("demo", "serve the embedded trained tiny model and its preference AVs on CPU and query it with several mixes")
 def demo_command(p: argparse.ArgumentParser) -> Runner:
     p.add_argument("--dir", default="demo", help="where the server log (and, without embedded demo data, the model) goes")

