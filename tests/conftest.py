@@ -12,8 +12,10 @@ triton lacks: under v2 the kernels run in Triton's interpreter and ``tests/trito
 
 Blend: ``VLLM_AV_BLEND_IMPL=triton`` makes every AV layer of every engine run the GPU code path --
 the blend op, its ``[T, M]`` tables and the Triton kernel -- in Triton's interpreter. CI runs the
-``blend_path`` tests that way under MRV2. The interpreter is slow, so there the serving tests
-generate fewer tokens (:func:`max_tokens`); their assertions stay as they are.
+``blend_path`` tests that way under MRV2, on models whose widths are not powers of two
+(``UNEVEN_SIZES``: the kernel's K split at 3 and 5 blocks, as real models' widths give). The
+interpreter is slow, so there the serving tests generate fewer tokens (:func:`max_tokens`); their
+assertions stay as they are.
 """
 
 import importlib.util
@@ -30,7 +32,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vllm_av.cli.main import main
-from vllm_av.testing.models import LINEAR_SUFFIXES, build_demo, build_tiny_model, make_aligned_variant
+from vllm_av.testing import architectures
+from vllm_av.testing.models import UNEVEN_SIZES, LINEAR_SUFFIXES, build_demo, build_tiny_model, make_aligned_variant
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -46,6 +49,9 @@ TRITON_BLEND = os.environ.get("VLLM_AV_BLEND_IMPL") == "triton" and not torch.cu
 if TRITON_BLEND:
     os.environ["TRITON_INTERPRET"] = "1"
 EXPECTED_BLEND = "triton" if TRITON_BLEND else "C kernel (CPU)"
+# the widths of the demo (build_demo) and architecture (build_arch_demo) models this session serves
+DEMO_SIZES = UNEVEN_SIZES if TRITON_BLEND else None
+ARCH_SIZES = architectures.UNEVEN_SIZES if TRITON_BLEND else None
 if RUNNER == "v2":
     _SHIM = Path(__file__).parent / "triton_cpu_shim"
     os.environ["TRITON_INTERPRET"] = "1"
@@ -97,7 +103,7 @@ def torch_one_thread():
 def demo(tmp_path_factory):
     """``(model, library)``: the random tiny base model and its seeded AVs (alpha, beta, gamma),
     built once per session for the vLLM tests that only read them."""
-    return build_demo(tmp_path_factory.mktemp("demo"))
+    return build_demo(tmp_path_factory.mktemp("demo"), sizes=DEMO_SIZES)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import max_tokens
+from conftest import ARCH_SIZES, max_tokens
 from safetensors.torch import load_file, save_file
 
 from vllm_av.testing.architectures import ARCHITECTURES, build_arch_demo
@@ -44,7 +44,7 @@ FAMILIES = [pytest.param(family, marks=pytest.mark.blend_path) if family == "phi
 def test_family_serves_a_mixed_batch_equal_to_the_oracle(family, tmp_path, torch_one_thread):
     from vllm import LLM, SamplingParams
 
-    model, library = build_arch_demo(family, tmp_path)
+    model, library = build_arch_demo(family, tmp_path, sizes=ARCH_SIZES)
     kwargs = dict(dtype="float32", enforce_eager=True, max_model_len=256, max_num_seqs=8,
                   gpu_memory_utilization=0.4, additional_config={"av": {"path": str(library)}})
     if family in REFUSED_ON_CPU and not torch.cuda.is_available():

@@ -9,6 +9,7 @@ reference decoder, alone and with a mix.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -17,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import EXPECTED_BLEND, max_tokens
+from conftest import DEMO_SIZES, EXPECTED_BLEND, max_tokens
 
 from vllm_av.cli.server_process import CPU_FLAGS, ServerProcess
-from vllm_av.testing.models import DEMO_SIZES, build_demo
+from vllm_av.testing.models import build_demo
 from vllm_av.testing.oracle import oracle_recontrol_tokens, oracle_tokens
 from vllm_av.testing.values import build_value_library
 
@@ -33,7 +34,7 @@ MAX_TOKENS = max_tokens(8)
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    return build_demo(tmp_path_factory.mktemp("demo"))
+    return build_demo(tmp_path_factory.mktemp("demo"), sizes=DEMO_SIZES)
 
 
 @pytest.fixture(scope="module")
@@ -73,13 +74,13 @@ def test_the_log_names_the_blend_implementation(server, server_log):
 
 
 def test_listing_endpoint(server):
-    url, _ = server
+    url, model = server
     listing = requests.get(f"{url}/v1/av", timeout=10).json()
     assert [av["name"] for av in listing["data"]] == ["alpha", "beta", "gamma"]
     assert all(av["compatibility"] == "same_base" and av["rank"] == 4 for av in listing["data"])
     assert listing["limits"]["max_per_request"] == 3 and listing["limits"]["max_abs_scale"] == 3.0
     assert [v["name"] for v in listing["value_functions"]] == ["brief", "helpful"]
-    assert all(v["compatibility"] == "same_base" and v["hidden_size"] == DEMO_SIZES["hidden_size"]
+    assert all(v["compatibility"] == "same_base" and v["hidden_size"] == hidden_size(model)
                for v in listing["value_functions"])
     assert listing["limits"]["recontrol_max_steps"] == 16 and "recontrol_path" not in listing["limits"]
     assert "runtime_updates" not in listing
@@ -114,6 +115,10 @@ def test_concurrent_mixed_requests_match_oracle(server, demo):
     for i, response in enumerate(responses):
         got = response.choices[0].model_dump()["token_ids"]
         assert got == oracle_tokens(*demo, mixes[i], prompt_ids[i % 2], MAX_TOKENS), mixes[i]
+
+
+def hidden_size(model) -> int:
+    return json.loads((Path(model) / "config.json").read_text())["hidden_size"]
 
 
 def tokenize(url, model, prompt):

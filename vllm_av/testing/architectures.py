@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# widths that are not powers of two, as in real models (see vllm_av.testing.models.DEMO_SIZES); heads of 32
-SIZES = dict(hidden_size=192, intermediate_size=320, num_hidden_layers=2, num_attention_heads=6,
+SIZES = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=1024)
 # family -> (transformers config class, settings beside SIZES)
 ARCHITECTURES: dict[str, tuple[str, dict]] = {
@@ -29,10 +28,13 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
                                      "shared_expert_intermediate_size": 128}),
 }
 AV_SEEDS = {"a": 1, "b": 2}
+# SIZES with widths that are not powers of two (vllm_av.testing.models.UNEVEN_SIZES in config names)
+UNEVEN_SIZES = dict(hidden_size=192, intermediate_size=320, num_attention_heads=6, num_key_value_heads=2)
 
 
-def build_arch_model(family: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Save a random tiny model of ``family`` (biases random too, so that they matter) to ``out_dir``."""
+def build_arch_model(family: str, out_dir: str | Path, seed: int = 0, sizes: dict | None = None) -> Path:
+    """Save a random tiny model of ``family`` (biases random too, so that they matter) to ``out_dir``;
+    ``sizes`` overrides :data:`SIZES`."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM
@@ -44,7 +46,7 @@ def build_arch_model(family: str, out_dir: str | Path, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(out)
     config = getattr(transformers, class_name)(
-        vocab_size=len(tokenizer), **SIZES, **settings, initializer_range=0.1,
+        vocab_size=len(tokenizer), **{**SIZES, **(sizes or {})}, **settings, initializer_range=0.1,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
@@ -57,15 +59,16 @@ def build_arch_model(family: str, out_dir: str | Path, seed: int = 0) -> Path:
     return out
 
 
-def build_arch_demo(family: str, root: str | Path, rank: int = 4) -> tuple[Path, Path]:
-    """A tiny ``family`` model under ``root/model`` and two extracted AVs (``a``, ``b``) under ``root/avs``."""
+def build_arch_demo(family: str, root: str | Path, rank: int = 4, sizes: dict | None = None) -> tuple[Path, Path]:
+    """A tiny ``family`` model under ``root/model`` and two extracted AVs (``a``, ``b``) under ``root/avs``;
+    ``sizes`` overrides :data:`SIZES`."""
     from vllm_av.offline.extract import extract
     from vllm_av.testing.models import make_aligned_variant
 
     root = Path(root)
     base, library = root / "model", root / "avs"
     if not (base / "config.json").is_file():
-        build_arch_model(family, base)
+        build_arch_model(family, base, sizes=sizes)
     for name, seed in AV_SEEDS.items():
         if not (library / name / "av.json").is_file():
             aligned = make_aligned_variant(base, root / "aligned" / name, seed=seed, rank=rank)

@@ -160,17 +160,19 @@ def _expert_weight(name: str, w) -> bool:
 
 
 DEMO_AVS = {"alpha": 1, "beta": 2, "gamma": 3}  # AV name -> seed of its perturbation
-# The demo model's widths are not powers of two, as real models' are not (576, 896, 1536, ...):
-# 192 and 320 are 3 and 5 blocks of the Triton kernel's K split (issue 33). Heads of 32.
-DEMO_SIZES = dict(hidden_size=192, intermediate_size=320, num_heads=6, num_kv_heads=2)
+# Widths that are not powers of two, as real models' are not (576, 896, 1536, ...): 192 and 320 are
+# 3 and 5 blocks of the Triton kernel's K split (issue 33); heads of 32. CI's Triton pass serves these.
+UNEVEN_SIZES = dict(hidden_size=192, intermediate_size=320, num_heads=6, num_kv_heads=2)
 
 
 def build_demo(
-    root: str | Path, *, avs: dict[str, int] = DEMO_AVS, rank: int = 4, progress: bool = False
+    root: str | Path, *, avs: dict[str, int] = DEMO_AVS, rank: int = 4, progress: bool = False,
+    sizes: dict | None = None,
 ) -> tuple[Path, Path]:
     """Build the tiny base model and a library of AVs under ``root``; return (model, library).
 
-    ``avs`` maps AV names to the seeds of their perturbations (default: alpha, beta, gamma).
+    ``avs`` maps AV names to the seeds of their perturbations (default: alpha, beta, gamma);
+    ``sizes``: :func:`build_tiny_model`'s width arguments (default: its own, 128 and 256).
     Each AV is extracted (``vllm-av extract``) from the base and a perturbed "aligned" copy.
     Reuses what an earlier call left in ``root``.
     """
@@ -180,7 +182,7 @@ def build_demo(
     base = root / "model"
     library = root / "avs"
     if not (base / "config.json").is_file():
-        build_tiny_model(base, **DEMO_SIZES)
+        build_tiny_model(base, **(sizes or {}))
     for name, seed in avs.items():
         if (library / name / "av.json").is_file():
             continue
