@@ -1,6 +1,6 @@
 """Fuzz AV request admission: hostile ``av`` mixes and ``vllm_xargs`` payloads, server and offline.
 
-Hypothesis generates payloads that the server's own parser (:func:`vllm_av.serving.mix.parse_mix`, same
+Hypothesis generates payloads that the server's own parser (:func:`vllm_av.serving.front.mix.parse_mix`, same
 limits) rejects: bad separators, unicode look-alikes, huge numbers, NaN/Inf spelled every way,
 empty and long names, duplicates, thousands of entries, wrong JSON types, and ``vllm_xargs``
 that is not an object. Each one must get HTTP 4xx whose message names the problem (never a
@@ -28,8 +28,8 @@ import requests
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from vllm_av.serving.config import AVConfig
-from vllm_av.serving.mix import MixError, parse_mix
+from vllm_av.serving.settings.config import AVConfig
+from vllm_av.serving.front.mix import MixError, parse_mix
 
 NAMES = ("alpha", "beta", "gamma")
 # The fuzzed server: 3 AVs per request, |scale| up to 1e30 (huge but legal: see the isolation

@@ -36,8 +36,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from vllm_av.serving.config import AVConfig
-from vllm_av.serving.library import AVEntry
+from vllm_av.serving.settings.config import AVConfig
+from vllm_av.serving.library.avs import AVEntry
 from vllm_av.serving.worker.runner_hooks import fill_tables_mrv2, record_new_requests
 from vllm_av.serving.worker.tables import AVTables, AVWorkerState
 

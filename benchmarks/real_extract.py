@@ -1,7 +1,7 @@
 """Extraction on a real model: SmolLM2-135M-Instruct fine-tuned into a style, its AV at several ranks.
 
 Builds (or reuses, cached) the real checkpoint, fine-tunes it into one style of
-``vllm_av.offline.style_tune`` (every parameter trained, as a user's SFT), then extracts
+``vllm_av.demo.style_tune`` (every parameter trained, as a user's SFT), then extracts
 aligned − base at each rank and reports, per rank: extraction seconds, the delta energy the AV
 keeps (of all of it, and of the LoRA-target share), the relative error over the LoRA modules, the
 dropped share by kind (the tied embeddings, norms), and the per-module retained range.
@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 from vllm_av.offline.extract import extract
-from vllm_av.offline.real_model import build_smollm2
+from vllm_av.demo.real_model import build_smollm2
 from vllm_av.offline.report import dropped_groups
-from vllm_av.offline.style_tune import QUESTIONS, base_answers, finetune_style
+from vllm_av.demo.style_tune import QUESTIONS, base_answers, finetune_style
 
 
 def measure(model: Path, tuned: Path, rank: int, out: Path) -> dict:

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vllm_av.serving.config import CPU_BLENDS
+from vllm_av.serving.settings.config import CPU_BLENDS
 from vllm_av.cli.server_process import CPU_FLAGS, ServerProcess
 
 RESULTS = Path(__file__).parent / "results"
@@ -391,8 +391,8 @@ def run_lockstep(args, library: Path, lora_dir: Path, workloads: list[Workload],
 
 def prepare(args, work: Path) -> tuple[Path, list[str], Path, list[dict], int, float]:
     """The AV library (built if needed), its names, and the lora-per-mix adapters (timed)."""
-    from vllm_av.serving.library import load_library
-    from vllm_av.serving.config import AVConfig
+    from vllm_av.serving.library.avs import load_library
+    from vllm_av.serving.settings.config import AVConfig
     from vllm_av.offline.materialize import materialize_mix
     from vllm_av.testing.models import build_demo
 

@@ -75,8 +75,8 @@ def test_family_serves_a_mixed_batch_equal_to_the_oracle(family, tmp_path, torch
 def test_moe_expert_deltas_are_reported_and_expert_adapters_refused(tmp_path):
     from vllm_av.format.avfile import AVMeta
     from vllm_av.offline.report import dropped_groups
-    from vllm_av.serving.config import AVConfig
-    from vllm_av.serving.library import AVLibraryError, load_library
+    from vllm_av.serving.settings.config import AVConfig
+    from vllm_av.serving.library.avs import AVLibraryError, load_library
 
     model, library = build_arch_demo("qwen2_moe", tmp_path)
     meta = AVMeta.from_dict(json.loads((library / "a" / "av.json").read_text()))

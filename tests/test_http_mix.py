@@ -1,9 +1,9 @@
-"""The HTTP object-mix rewrite (serving/http_mix.py), without a server."""
+"""The HTTP object-mix rewrite (serving/front/http.py), without a server."""
 
 import asyncio
 import json
 
-from vllm_av.serving.http_mix import ObjectMixMiddleware, rewrite_body
+from vllm_av.serving.front.http import ObjectMixMiddleware, rewrite_body
 
 
 def test_object_mix_becomes_the_string_form():

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vllm_av.serving.config import AVConfig
-from vllm_av.serving.library import AVLibraryError, load_av, load_library
+from vllm_av.serving.settings.config import AVConfig
+from vllm_av.serving.library.avs import AVLibraryError, load_av, load_library
 from vllm_av.testing.models import build_demo, build_tiny_model
 
 KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_{}.weight"

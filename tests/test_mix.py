@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_av.serving.config import AVConfig, AVConfigError
-from vllm_av.serving.mix import MixError, mix_to_str, parse_mix
+from vllm_av.serving.settings.config import AVConfig, AVConfigError
+from vllm_av.serving.front.mix import MixError, mix_to_str, parse_mix
 
 NAMES = {"medical_expert", "legal_generic", "fin.v2", "a-b"}
 CONFIG = AVConfig(path="/lib", max_per_request=3, max_abs_scale=2.0, max_name_length=16)

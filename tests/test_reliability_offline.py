@@ -46,7 +46,7 @@ def test_extra_args_that_are_not_a_dict_do_not_crash_admission(llm, extra_args):
     """``"av" in "xavier"`` is true: admission must not index a non-dict ``extra_args``."""
     from vllm import SamplingParams
 
-    from vllm_av.serving.frontend import admit
+    from vllm_av.serving.front.admission import admit
 
     assert admit(SamplingParams(max_tokens=1, extra_args=extra_args), None) == ()
 

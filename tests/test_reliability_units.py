@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from test_worker_tables import make_state, requests
 
-from vllm_av.serving.config import AVConfig
-from vllm_av.serving.mix import MixError, parse_mix
+from vllm_av.serving.settings.config import AVConfig
+from vllm_av.serving.front.mix import MixError, parse_mix
 
 CONFIG = AVConfig(path="/lib", max_per_request=3)
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_av.serving.config import SPARE_SLOTS, AVConfig, AVConfigError
-from vllm_av.serving.library import AVEntry, files_digest, load_library
+from vllm_av.serving.settings.config import SPARE_SLOTS, AVConfig, AVConfigError
+from vllm_av.serving.library.avs import AVEntry, files_digest, load_library
 
 pytestmark = pytest.mark.vllm  # the front and the engine-core pieces import vLLM's server stack
 
@@ -32,7 +32,7 @@ def test_capacity_is_the_library_unless_runtime_updates_are_on():
 
 
 def test_an_empty_library_starts_only_with_runtime_updates(tmp_path):
-    from vllm_av.serving.library import AVLibraryError
+    from vllm_av.serving.library.avs import AVLibraryError
 
     with pytest.raises(AVLibraryError, match="holds no adapters"):
         load_library(str(tmp_path), AVConfig(path=str(tmp_path)))
@@ -57,7 +57,7 @@ def entry(name: str, digest: str = "d0") -> AVEntry:
 
 
 def served(names=("alpha", "beta"), **config):
-    from vllm_av.serving.frontend import ServedLibrary
+    from vllm_av.serving.front.admission import ServedLibrary
 
     settings = AVConfig(path="/avs", allow_runtime_updates=True, **config)
     return ServedLibrary(settings, [entry(n) for n in names])
@@ -66,9 +66,9 @@ def served(names=("alpha", "beta"), **config):
 def test_the_front_changes_its_view_only_after_the_engine_agreed():
     """load/unload ask the engine first; a refusal leaves the listing and mix validation as they were,
     and while an update runs, requests naming its AV are refused ("retry"), never admitted."""
-    from vllm_av.serving import runtime
-    from vllm_av.serving.frontend import admit
-    from vllm_av.serving.mix import MixError
+    from vllm_av.serving.front import runtime
+    from vllm_av.serving.front.admission import admit
+    from vllm_av.serving.front.mix import MixError
 
     library = served(max_loaded=3)
     seen = []
@@ -103,7 +103,7 @@ def test_the_front_changes_its_view_only_after_the_engine_agreed():
 def test_the_offline_helper_works_inside_a_running_event_loop():
     """``AVRuntime`` (over ``LLM``) is synchronous; called from async code or Jupyter, where a loop
     already runs in the thread, it still completes instead of failing in ``asyncio.run``."""
-    from vllm_av.serving.runtime import AVRuntime
+    from vllm_av.serving.front.runtime import AVRuntime
 
     calls = []
 
@@ -127,7 +127,7 @@ def test_the_offline_helper_works_inside_a_running_event_loop():
 
 
 def test_a_bad_directory_never_reaches_the_engine(tmp_path):
-    from vllm_av.serving import runtime
+    from vllm_av.serving.front import runtime
 
     library = served()
 
@@ -178,13 +178,13 @@ class FakeCore:
 
 
 def as_payload(av: AVEntry) -> dict:
-    from vllm_av.serving.runtime import _as_dict
+    from vllm_av.serving.front.runtime import _as_dict
 
     return _as_dict(av)
 
 
 def test_the_engine_core_refuses_updates_to_avs_in_use_and_beyond_capacity(demo):
-    from vllm_av.serving.engine_updates import in_use, update
+    from vllm_av.serving.engine.updates import in_use, update
 
     model, library = demo
     core = FakeCore(model, library, max_loaded=4)
@@ -212,7 +212,7 @@ def test_the_engine_core_refuses_updates_to_avs_in_use_and_beyond_capacity(demo)
 
 
 def test_one_failing_rank_leaves_every_rank_unchanged(demo):
-    from vllm_av.serving.engine_updates import update
+    from vllm_av.serving.engine.updates import update
 
     model, library = demo
     core = FakeCore(model, library, fail_on_rank=1)
@@ -231,8 +231,8 @@ def test_one_failing_rank_leaves_every_rank_unchanged(demo):
 def test_a_request_admitted_against_weights_since_replaced_is_refused(demo):
     """The front stamps each AV's digest on a request; the engine core refuses one that arrives after
     its AV was replaced or unloaded (it would otherwise run on other weights)."""
-    from vllm_av.serving.engine_updates import VERSIONS_KEY, refusal, update
-    from vllm_av.serving.library import library_for, local_model_dir
+    from vllm_av.serving.engine.updates import VERSIONS_KEY, refusal, update
+    from vllm_av.serving.library.avs import library_for, local_model_dir
 
     model, library = demo
     core = FakeCore(model, library)

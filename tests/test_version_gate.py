@@ -11,7 +11,7 @@ pytestmark = pytest.mark.vllm
 
 # Run in a fresh interpreter that believes the installed vLLM is 0.35.0 (or that a hook fails).
 _PRELUDE = """
-import vllm_av.serving.patch_points as points
+import vllm_av.serving.compat.patch_points as points
 {pretend}
 import vllm_av.serving.plugin as plugin
 plugin.register()
@@ -87,7 +87,7 @@ print("PLAIN OK:", len(ok.outputs[0].token_ids))
 
 def test_sleep_level_2_is_refused_with_av():
     import vllm_av.serving.plugin
-    from vllm_av.serving import patch_points as points
+    from vllm_av.serving.compat import patch_points as points
 
     vllm_av.serving.plugin.register()
     sleep = points.ENGINE_CORE_SLEEP.get()

@@ -70,7 +70,7 @@ def generate(demo, then=None, **parallel):
 
 def load_and_unload_on_every_rank(demo, tmp_path):
     """``then`` for :func:`generate`: load gamma's files as AV ``loaded``, serve it, unload it."""
-    from vllm_av.serving.runtime import AVRuntime
+    from vllm_av.serving.front.runtime import AVRuntime
 
     model, library = demo
     names = view(tmp_path / "oracle", {"loaded": library / "gamma", "alpha": library / "alpha"})

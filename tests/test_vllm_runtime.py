@@ -310,7 +310,7 @@ def test_offline_an_empty_library_filled_at_runtime(demo, tmp_path):
     from vllm import LLM, SamplingParams
 
     from test_vllm_plugin import ENGINE
-    from vllm_av.serving.runtime import AVRuntime, AVUpdateError
+    from vllm_av.serving.front.runtime import AVRuntime, AVUpdateError
     from vllm_av.testing.oracle import oracle_greedy
 
     model, library = demo

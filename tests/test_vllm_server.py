@@ -185,7 +185,7 @@ def test_regular_lora_beside_av(server):
         (":1", "non-empty"),
         (["alpha", 1], "must be [name, scale] pairs"),
         (7, "must be a string like"),
-        ({"nope": 1}, "unknown av 'nope'"),  # the JSON-object form, rewritten by serving/http_mix.py
+        ({"nope": 1}, "unknown av 'nope'"),  # the JSON-object form, rewritten by serving/front/http.py
         ({"alpha": "x"}, "not a number"),
     ],
 )

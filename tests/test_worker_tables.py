@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_av.serving.config import AVConfig
-from vllm_av.serving.library import AVEntry
+from vllm_av.serving.settings.config import AVConfig
+from vllm_av.serving.library.avs import AVEntry
 from vllm_av.serving.worker.tables import AVTables, AVWorkerState
 
 NAMES = ["a", "b", "c", "d"]

@@ -166,10 +166,10 @@ LEVEL_INSTRUCTIONS = {
 
 @functools.cache
 def _tokenizer():
-    """The real model's tokenizer (SmolLM2-135M-Instruct, built locally by ``vllm_av.offline.real_model``)."""
+    """The real model's tokenizer (SmolLM2-135M-Instruct, built locally by ``vllm_av.demo.real_model``)."""
     from transformers import AutoTokenizer
 
-    from vllm_av.offline.real_model import build_smollm2
+    from vllm_av.demo.real_model import build_smollm2
 
     return AutoTokenizer.from_pretrained(str(build_smollm2()))
 

@@ -71,7 +71,7 @@ def build(out: Path, cfg: dict, train: dict[str, list[R.Query]], timings: dict, 
     import shutil
 
     from vllm_av.offline.extract import extract
-    from vllm_av.offline.real_model import build_smollm2
+    from vllm_av.demo.real_model import build_smollm2
 
     base_dir, library = build_smollm2(), out / "avs"
     pairs = cfg["dpo_steps"] * cfg["dpo_batch"]

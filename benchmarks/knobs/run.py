@@ -316,10 +316,10 @@ def table(res: dict, cfg: dict) -> str:
 def transfer(out: Path, base_dir: Path, library: Path, test: dict, cfg: dict, sweep: dict, task, timings: dict) -> dict:
     """The paper's transfer claim: AVs extracted from checkpoint A, served on a further-trained A′.
 
-    A′ is A after a short full-parameter SFT into the pirate style (``vllm_av.offline.style_tune``);
+    A′ is A after a short full-parameter SFT into the pirate style (``vllm_av.demo.style_tune``);
     each AV is served on A′ at A's best λ and compared with A′ alone and with A + AV."""
     from vllm_av.format.avfile import check_compatibility, read_av
-    from vllm_av.offline.style_tune import QUESTIONS, base_answers, finetune_style
+    from vllm_av.demo.style_tune import QUESTIONS, base_answers, finetune_style
 
     t = time.perf_counter()
     a_prime = out / "a_prime"

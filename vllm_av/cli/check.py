@@ -174,7 +174,7 @@ def run_check(device: str | None = None, dtype: str = "float32", workdir: str | 
 def _check(root: Path, device: str, dtype: str, json_out: str | None) -> int:
     import torch
 
-    from vllm_av.serving import patch_points as points
+    from vllm_av.serving.compat import patch_points as points
     from vllm_av.serving.blend.select import choose_blend
     from vllm_av.testing.oracle import merged_model
 

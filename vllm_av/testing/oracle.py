@@ -41,8 +41,8 @@ def oracle_tokens(base_dir: str | Path, library_dir: str | Path, mix, prompt_ids
     vLLM returns it). ``mix``: None or any form a request may send (``"a:1,b:-0.5"``, a dict)."""
     import torch
 
-    from vllm_av.serving.config import AVConfig
-    from vllm_av.serving.mix import parse_mix
+    from vllm_av.serving.settings.config import AVConfig
+    from vllm_av.serving.front.mix import parse_mix
 
     names = [p.name for p in Path(library_dir).iterdir() if p.is_dir()]
     scales = dict(parse_mix(mix, names, AVConfig(path=str(library_dir)))) if mix is not None else {}
@@ -86,8 +86,8 @@ def oracle_recontrol_tokens(base_dir: str | Path, library_dir: str | Path, mix, 
     ``ignore_eos``). ``mix``: None or any form a request may send."""
     from vllm_av.recontrol.reference import recontrol_generate
     from vllm_av.recontrol.valuefile import load_value_function
-    from vllm_av.serving.config import AVConfig
-    from vllm_av.serving.mix import parse_mix
+    from vllm_av.serving.settings.config import AVConfig
+    from vllm_av.serving.front.mix import parse_mix
 
     names = [p.name for p in Path(library_dir).iterdir() if p.is_dir()]
     scales = dict(parse_mix(mix, names, AVConfig(path=str(library_dir)))) if mix is not None else {}

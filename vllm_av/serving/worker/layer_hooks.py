@@ -25,7 +25,7 @@ import functools
 
 import torch
 
-from vllm_av.serving import patch_points as points
+from vllm_av.serving.compat import patch_points as points
 
 
 def _token_rows(t: torch.Tensor) -> torch.Tensor:

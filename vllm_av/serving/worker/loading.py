@@ -22,11 +22,11 @@ from collections.abc import Sequence
 import torch
 
 import vllm_av.serving.blend.op  # noqa: F401  (registers torch.ops.vllm_av.blend_)
-from vllm_av.serving import patch_points as points
+from vllm_av.serving.compat import patch_points as points
 from vllm_av.serving.blend.cpu import CPUBlend, NativeCPUBlend
 from vllm_av.serving.blend.select import BlendChoice, choose_blend
-from vllm_av.serving.config import AVConfig
-from vllm_av.serving.library import AVEntry
+from vllm_av.serving.settings.config import AVConfig
+from vllm_av.serving.library.avs import AVEntry
 from vllm_av.serving.worker.layer_hooks import use_base_forward
 from vllm_av.serving.worker.tables import AVTables, AVWorkerState
 

@@ -49,12 +49,12 @@ import weakref
 
 import numpy as np
 
-from vllm_av.serving import patch_points as points
-from vllm_av.serving.config import av_config_from
-from vllm_av.serving.library import library_for, local_model_dir
-from vllm_av.serving.value_library import value_library_for
+from vllm_av.serving.compat import patch_points as points
+from vllm_av.serving.settings.config import av_config_from
+from vllm_av.serving.library.avs import library_for, local_model_dir
+from vllm_av.serving.library.values import value_library_for
 from vllm_av.serving.worker.loading import install as install_av
-from vllm_av.serving.worker.runtime import RuntimeSlots
+from vllm_av.serving.worker.slots import RuntimeSlots
 from vllm_av.serving.worker.steering import install_steering
 
 logger = logging.getLogger("vllm.av")

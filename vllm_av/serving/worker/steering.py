@@ -27,7 +27,7 @@ import torch
 
 from vllm_av.recontrol.value import input_gradient
 from vllm_av.recontrol.valuefile import load_value_function
-from vllm_av.serving.recontrol_request import RECONTROL_KEY
+from vllm_av.serving.front.recontrol import RECONTROL_KEY
 
 logger = logging.getLogger("vllm.av")
 

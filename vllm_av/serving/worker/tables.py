@@ -15,9 +15,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from vllm_av.serving.config import AVConfig
-from vllm_av.serving.library import AVEntry
-from vllm_av.serving.mix import MIX_KEY, MixError, parse_mix
+from vllm_av.serving.settings.config import AVConfig
+from vllm_av.serving.library.avs import AVEntry
+from vllm_av.serving.front.mix import MIX_KEY, MixError, parse_mix
 
 logger = logging.getLogger("vllm.av")
 

@@ -16,7 +16,7 @@ import math
 import re
 from collections.abc import Collection
 
-from vllm_av.serving.config import AVConfig
+from vllm_av.serving.settings.config import AVConfig
 
 Mix = tuple[tuple[str, float], ...]
 

@@ -3,8 +3,8 @@
 Supporting a new vLLM release means reading this file and running its checker on the release's
 wheel (``pip download --no-deps vllm==X``); nothing is imported, so no CUDA is needed::
 
-    python -m vllm_av.serving.patch_points --wheel vllm-0.34.0-cp38-abi3-manylinux_2_28_x86_64.whl
-    python -m vllm_av.serving.patch_points --installed
+    python -m vllm_av.serving.compat.patch_points --wheel vllm-0.34.0-cp38-abi3-manylinux_2_28_x86_64.whl
+    python -m vllm_av.serving.compat.patch_points --installed
 
 The hooks take their targets from here (:meth:`PatchPoint.get` / :meth:`PatchPoint.replace`),
 so a symbol vLLM moved fails here, by name, and never silently elsewhere.
@@ -99,7 +99,7 @@ ENGINE_FIELDS = tuple(
                   "prefill_context_parallel_size", "enable_dbo", "moe_backend", "all2all_backend",
                   "enable_expert_parallel")
 )
-# settings vLLM refuses with LoRA on, refused first in AV words (serving/engine_config.py)
+# settings vLLM refuses with LoRA on, refused first in AV words (serving/engine/config.py)
 MEGA_MOE_BACKENDS = _p("vllm.config.kernel", "MEGA_MOE_BACKENDS", "read")
 SUPPORTS_LORA = _p("vllm.model_executor.models.interfaces", "supports_lora", "call", ["model"])
 MODEL_REGISTRY_FIELDS = (_p("vllm.config.model", "ModelConfig.registry", "read"),
@@ -109,14 +109,14 @@ MODEL_REGISTRY_FIELDS = (_p("vllm.config.model", "ModelConfig.registry", "read")
                          _p("vllm.config.lora", "LoRAConfig.target_modules", "read"))
 # the runner choice, read by the tests (vllm-av leaves it to vLLM)
 USE_V2_MODEL_RUNNER_PROPERTY = _p("vllm.config.vllm", "VllmConfig.use_v2_model_runner", "read", series=("0.32", "0.33"))
-# MoE models are refused on CPU (serving/engine_config.py)
+# MoE models are refused on CPU (serving/engine/config.py)
 MODEL_HF_CONFIG = tuple(_p(module, f"{owner}.{field}", "read") for module, owner, field in (
     ("vllm.config.vllm", "VllmConfig", "model_config"), ("vllm.config.model", "ModelConfig", "hf_config"),
     ("vllm.config.vllm", "VllmConfig", "device_config"), ("vllm.config.device", "DeviceConfig", "device_type")))
 ENGINE_CORE_SLEEP = _p("vllm.v1.engine.core", "EngineCore.sleep", "patch", ["self", "level"])
 ENGINE_CORE_CONFIG = _p("vllm.v1.engine.core", "EngineCore.vllm_config", "read")
 
-# --- runtime AV updates (serving/engine_updates.py, serving/runtime.py) ---
+# --- runtime AV updates (serving/engine/updates.py, serving/front/runtime.py) ---
 _CORE = "vllm.v1.engine.core"
 ENGINE_CORE = _p(_CORE, "EngineCore", "read")  # gains the vllm_av_update utility
 ENGINE_CORE_ADD_REQUEST = _p(_CORE, "EngineCore.add_request", "patch", ["self", "request"])
@@ -130,7 +130,7 @@ ENGINE_CLIENTS = (_p("vllm.v1.engine.async_llm", "AsyncLLM.engine_core", "read")
                   _p("vllm.v1.engine.llm_engine", "LLMEngine.engine_core", "read"),
                   _p("vllm.v1.engine.llm_engine", "LLMEngine.input_processor", "read"))
 
-# --- frontend: request admission, listing route (serving/frontend.py) ---
+# --- frontend: request admission, listing route (serving/front/admission.py) ---
 VALIDATION_ERROR = _p("vllm.exceptions", "VLLMValidationError", "call")
 INPUT_PROCESSOR_INIT = _p("vllm.v1.engine.input_processor", "InputProcessor.__init__", "patch", ["self", "vllm_config"])
 PROCESS_INPUTS = _p("vllm.v1.engine.input_processor", "InputProcessor.process_inputs", "patch",
@@ -423,7 +423,7 @@ def report(path: Path) -> tuple[str, bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vllm_av.serving.patch_points", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m vllm_av.serving.compat.patch_points", description=__doc__.split("\n")[0])
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--wheel", type=Path, help="a vLLM wheel (.whl) or a directory holding its vllm/ package")
     where.add_argument("--installed", action="store_true", help="the vLLM installed here (its sources, not imported)")

@@ -15,7 +15,7 @@ A request's RE-Control setting (``recontrol``, ``recontrol_alpha``, ``recontrol_
 changes which tokens are sampled, never the KV computed for a given token sequence.
 
 ``GET /v1/av`` lists the served AVs and value functions, beside vLLM's ``GET /v1/models``, and a
-JSON object as ``vllm_xargs.av`` is accepted over HTTP (``serving/http_mix.py``). With
+JSON object as ``vllm_xargs.av`` is accepted over HTTP (``serving/front/http.py``). With
 ``--av-allow-runtime-updates``, ``POST /v1/av/load`` and ``/v1/av/unload`` change the library
 while serving (:mod:`.runtime`).
 """
@@ -27,15 +27,15 @@ from dataclasses import dataclass, field
 
 from fastapi import Request  # the runtime-update routes' parameter type, resolved by FastAPI from this module
 
-from vllm_av.serving import patch_points as points
-from vllm_av.serving import runtime
-from vllm_av.serving.config import AVConfig, av_config_from
-from vllm_av.serving.engine_updates import IN_USE_METHOD, UPDATE_METHOD, VERSIONS_KEY
-from vllm_av.serving.http_mix import ObjectMixMiddleware
-from vllm_av.serving.library import library_for, local_model_dir
-from vllm_av.serving.mix import MIX_KEY, MixError, mix_to_str, parse_mix
-from vllm_av.serving.recontrol_request import ALPHA_KEY, RECONTROL_KEY, RECONTROL_KEYS, STEPS_KEY, parse_recontrol
-from vllm_av.serving.value_library import value_library_for
+from vllm_av.serving.compat import patch_points as points
+from vllm_av.serving.front import runtime
+from vllm_av.serving.settings.config import AVConfig, av_config_from
+from vllm_av.serving.engine.updates import IN_USE_METHOD, UPDATE_METHOD, VERSIONS_KEY
+from vllm_av.serving.front.http import ObjectMixMiddleware
+from vllm_av.serving.library.avs import library_for, local_model_dir
+from vllm_av.serving.front.mix import MIX_KEY, MixError, mix_to_str, parse_mix
+from vllm_av.serving.front.recontrol import ALPHA_KEY, RECONTROL_KEY, RECONTROL_KEYS, STEPS_KEY, parse_recontrol
+from vllm_av.serving.library.values import value_library_for
 
 logger = logging.getLogger("vllm.av")
 

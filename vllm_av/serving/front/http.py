@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from vllm_av.serving.mix import MIX_KEY
+from vllm_av.serving.front.mix import MIX_KEY
 
 
 def rewrite_body(body: bytes) -> bytes | None:

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vllm_av.format.checkpoint import is_moe_expert
-from vllm_av.serving.config import AVConfig
-from vllm_av.serving.mix import NAME_RE
+from vllm_av.serving.settings.config import AVConfig
+from vllm_av.serving.front.mix import NAME_RE
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -11,10 +11,10 @@ import logging
 import os
 
 from vllm_av.format.checkpoint import MOE_EXPERT_COUNT_FIELDS
-from vllm_av.serving import patch_points as points
-from vllm_av.serving.config import CONFIG_KEY, av_config_from
-from vllm_av.serving.library import library_digest, library_for, local_model_dir
-from vllm_av.serving.value_library import value_library_for
+from vllm_av.serving.compat import patch_points as points
+from vllm_av.serving.settings.config import CONFIG_KEY, av_config_from
+from vllm_av.serving.library.avs import library_digest, library_for, local_model_dir
+from vllm_av.serving.library.values import value_library_for
 
 logger = logging.getLogger("vllm.av")
 

@@ -22,8 +22,8 @@ import asyncio
 import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 
-from vllm_av.serving.engine_updates import IN_USE_METHOD, UPDATE_METHOD
-from vllm_av.serving.library import AVLibraryError, load_av
+from vllm_av.serving.engine.updates import IN_USE_METHOD, UPDATE_METHOD
+from vllm_av.serving.library.avs import AVLibraryError, load_av
 
 
 class AVUpdateError(Exception):
@@ -37,7 +37,7 @@ class AVUpdateError(Exception):
 async def load(served, call, name: object, path: object, replace: bool = False) -> dict:
     """Load AV ``name`` from directory ``path`` (``replace``: over a loaded AV of that name).
 
-    ``served``: the front's :class:`~vllm_av.serving.frontend.ServedLibrary`; ``call(*args)``: an
+    ``served``: the front's :class:`~vllm_av.serving.front.admission.ServedLibrary`; ``call(*args)``: an
     awaitable engine-core utility call of :data:`UPDATE_METHOD`. Returns the AV's listing entry.
     """
     _require_updates(served)

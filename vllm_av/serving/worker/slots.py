@@ -1,6 +1,6 @@
 """Worker side of runtime AV updates: load, replace and unload AVs in fixed slots, in two phases.
 
-The engine core (:mod:`vllm_av.serving.engine_updates`) drives every rank through vLLM's
+The engine core (:mod:`vllm_av.serving.engine.updates`) drives every rank through vLLM's
 ``collective_rpc`` with the module-level functions below (each gets the worker first):
 
 1. :func:`prepare_av` -- load the AV with vLLM's LoRA loader and slice and pack it for this rank's
@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import logging
 
-from vllm_av.serving.library import AVEntry
+from vllm_av.serving.library.avs import AVEntry
 from vllm_av.serving.worker.loading import load_lora_model, refuse_unplaced, slot_stacks, write_slot
 
 logger = logging.getLogger("vllm.av")

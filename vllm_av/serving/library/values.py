@@ -1,6 +1,6 @@
 """Scan and validate the RE-Control value-function library (one ``vllm-av recontrol train`` directory each).
 
-Like the AV library (:mod:`vllm_av.serving.library`): read in the API-server process before the
+Like the AV library (:mod:`vllm_av.serving.library.avs`): read in the API-server process before the
 engine starts, so a bad file fails the start with one line naming the file and tensor; safetensors
 only, no link out of the library, names ``[A-Za-z0-9_.-]+``; the hidden size must be the served
 model's and the base fingerprint must not name another architecture. With ``lenient`` a broken
@@ -15,8 +15,8 @@ from pathlib import Path
 from vllm_av.recontrol.valuefile import (
     VALUE_JSON, ValueFileError, check_value_compatibility, check_value_file, read_value_meta,
 )
-from vllm_av.serving.config import AVConfig
-from vllm_av.serving.library import AVLibraryError, inside, name_problem, scan_entries
+from vllm_av.serving.settings.config import AVConfig
+from vllm_av.serving.library.avs import AVLibraryError, inside, name_problem, scan_entries
 
 LIBRARY = "value-function library"
 _libraries: dict[tuple, list] = {}

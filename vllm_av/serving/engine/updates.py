@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import logging
 
-from vllm_av.serving import patch_points as points
-from vllm_av.serving.config import AVConfig, av_config_from
-from vllm_av.serving.library import library_for, local_model_dir
-from vllm_av.serving.mix import MIX_KEY
-from vllm_av.serving.worker.runtime import commit_av, discard_av, prepare_av, unload_av
+from vllm_av.serving.compat import patch_points as points
+from vllm_av.serving.settings.config import AVConfig, av_config_from
+from vllm_av.serving.library.avs import library_for, local_model_dir
+from vllm_av.serving.front.mix import MIX_KEY
+from vllm_av.serving.worker.slots import commit_av, discard_av, prepare_av, unload_av
 
 logger = logging.getLogger("vllm.av")
 

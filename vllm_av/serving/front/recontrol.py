@@ -16,8 +16,8 @@ from __future__ import annotations
 import math
 from collections.abc import Collection
 
-from vllm_av.serving.config import AVConfig
-from vllm_av.serving.mix import MixError
+from vllm_av.serving.settings.config import AVConfig
+from vllm_av.serving.front.mix import MixError
 
 RECONTROL_KEY = "recontrol"
 ALPHA_KEY = "recontrol_alpha"

@@ -38,7 +38,7 @@ class AVConfig:
     cpu_blend: how CPU layers blend: ``native`` (the C kernel: cost grows with the AVs each
         request uses), ``dense`` (GEMMs over the whole library), or ``auto`` (native when the
         kernel builds here, else dense).
-    library_digest: set by the plugin at start (:func:`vllm_av.serving.library.library_digest`):
+    library_digest: set by the plugin at start (:func:`vllm_av.serving.library.avs.library_digest`):
         vLLM hashes ``additional_config`` into its compile-cache key, so with it the key covers
         the library's contents, not only its path.
     recontrol_path: the RE-Control value-function library (one directory per value function,
@@ -46,7 +46,7 @@ class AVConfig:
     recontrol_max_steps: most steering steps ``n`` one request may ask for.
     recontrol_max_alpha: largest |step size α| one request may ask for.
     allow_runtime_updates: serve ``POST /v1/av/load`` and ``/v1/av/unload`` (and the offline
-        :class:`vllm_av.serving.runtime.AVRuntime`): AVs load, unload and are replaced while serving.
+        :class:`vllm_av.serving.front.runtime.AVRuntime`): AVs load, unload and are replaced while serving.
     max_loaded: most AVs loaded at once with runtime updates on (the fixed number of AV slots every
         layer holds from the start); 0: the startup library's size + :data:`SPARE_SLOTS`.
     """

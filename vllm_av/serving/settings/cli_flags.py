@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 
-from vllm_av.serving import patch_points as points
-from vllm_av.serving.config import CONFIG_KEY, CPU_BLENDS, AVConfig, AVConfigError
-from vllm_av.serving.library import AVLibraryError, library_for, local_model_dir
-from vllm_av.serving.value_library import value_library_for
+from vllm_av.serving.compat import patch_points as points
+from vllm_av.serving.settings.config import CONFIG_KEY, CPU_BLENDS, AVConfig, AVConfigError
+from vllm_av.serving.library.avs import AVLibraryError, library_for, local_model_dir
+from vllm_av.serving.library.values import value_library_for
 
 
 def install() -> None:
