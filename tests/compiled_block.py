@@ -81,8 +81,7 @@ def _av_layer(lora_cls, base, tables, blend, seed: int, device):
         a = [torch.randn(RANK, base.input_size, generator=gen) * 0.1 for _ in layer.output_slices]
         b = [torch.randn(width, RANK, generator=gen) * 0.1 for width in layer.output_slices]
         weights.append(SimpleNamespace(lora_a=a if len(a) > 1 else a[0], lora_b=b if len(b) > 1 else b[0]))
-    attach_layer(layer, weights, tables, [RANK] * NUM_AVS, RANK, blend)
-    layer._av_skip_stock_lora = True  # LoRA carries the AVs only (as the plugin sets it)
+    attach_layer(layer, weights, tables, [RANK] * NUM_AVS, RANK, blend, skip_stock_lora=True)  # LoRA carries AVs only
     return layer
 
 
@@ -149,16 +148,20 @@ def main() -> None:
     from vllm.forward_context import set_forward_context
 
     import vllm_av.serving.plugin
-    from vllm_av.serving.blend.op import op_impl_name
-    from vllm_av.serving.blend.select import BlendChoice
-    from vllm_av.serving.worker.tables import AVTables
+    from vllm_av.serving.blend.reference import ReferenceBlend
+    from vllm_av.serving.blend.select import select_backend
+    from vllm_av.serving.worker.tables import make_tables
 
     vllm_av.serving.plugin.register()
     device = torch.device(args.device)
     cache_root = Path(os.environ["VLLM_CACHE_ROOT"])
     config = _init_vllm(CompilationMode.VLLM_COMPILE)
-    blend = BlendChoice("op", op_impl_name(device.type))  # what compiles: the op (CPU layers are never compiled)
-    tables = AVTables(MAX_TOKENS, PER_REQUEST, NUM_AVS, device, dense=False)  # the op form
+    # what compiles: the op (vLLM never compiles CPU layers with LoRA on): on CPU the reference,
+    # or the Triton kernel in Triton's interpreter when VLLM_AV_BLEND_IMPL=triton
+    blend = select_backend(device)
+    if not blend.every_step:
+        blend = ReferenceBlend(device)
+    tables = make_tables(blend.table_form, MAX_TOKENS, PER_REQUEST, NUM_AVS, device)
     block_cls = build_block_class()
     eager_config = VllmConfig(compilation_config=type(config.compilation_config)(mode=CompilationMode.NONE))
     with torch.device(device):
@@ -171,14 +174,17 @@ def main() -> None:
         with set_forward_context(None, vllm_config=vllm_config, cudagraph_runtime_mode=CUDAGraphMode.NONE):
             return model(x)
 
+    tables.reset_pool(len(POOL_INDEX))
+    for row, (index, scale) in enumerate(zip(POOL_INDEX, POOL_SCALE)):
+        tables.set_pool_row(row, [(int(i), float(s)) for i, s in zip(index, scale) if i >= 0])
     gen = torch.Generator().manual_seed(0)
-    result = {"blend": blend.label, "steps": []}
+    result = {"blend": blend.name, "steps": []}
     for tokens, rows in STEPS:
         x = torch.randn(tokens, HIDDEN, generator=gen).to(device)
-        tables.write(POOL_INDEX, POOL_SCALE, np.array(rows) if any(rows) else None, tokens)
+        tables.write(np.array(rows) if any(rows) else None, tokens)
         with torch.no_grad():
             got, want = run(forward, x, config), run(eager, x, eager_config)
-            tables.write(POOL_INDEX, POOL_SCALE, None, tokens)  # the same step without mixes
+            tables.write(None, tokens)  # the same step without mixes
             base = run(eager, x, eager_config)
         result["steps"].append({"tokens": tokens, "max_abs_diff": (got - want).abs().max().item(),
                                 "blend_moved_output": (want - base).abs().max().item()})
@@ -194,7 +200,7 @@ def _replay_in_cuda_graph(compiled, eager, config, eager_config, tables, run) ->
     """Capture the compiled block once at 16 tokens; replay it after rewriting the tables in place."""
     tokens = 16
     x = torch.randn(tokens, HIDDEN, device="cuda")
-    tables.write(POOL_INDEX, POOL_SCALE, np.arange(tokens) % len(POOL_INDEX), tokens)
+    tables.write(np.arange(tokens) % len(POOL_INDEX), tokens)
     with torch.no_grad():
         run(compiled, x, config)  # warm-up outside the capture
         torch.cuda.synchronize()
@@ -203,7 +209,7 @@ def _replay_in_cuda_graph(compiled, eager, config, eager_config, tables, run) ->
             out = run(compiled, x, config)
         diffs = []
         for shift in range(1, 4):
-            tables.write(POOL_INDEX, POOL_SCALE, (np.arange(tokens) + shift) % len(POOL_INDEX), tokens)
+            tables.write((np.arange(tokens) + shift) % len(POOL_INDEX), tokens)
             graph.replay()
             torch.cuda.synchronize()
             diffs.append((out - run(eager, x, eager_config)).abs().max().item())

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tests.test_ops_reference import loop_oracle
-from vllm_av.serving.blend.cpu import CPUBlend, cpu_gemm_backend
+from vllm_av.serving.blend.dense import CPUBlend, cpu_gemm_backend
 from vllm_av.serving.blend.op import mix_coefficients
 
 

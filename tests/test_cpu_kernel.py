@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from tests.test_ops_reference import loop_oracle
-from vllm_av.serving.blend.cpu import NativeCPUBlend, choose_cpu_blend
+from vllm_av.serving.blend.dense import DenseBlend
+from vllm_av.serving.blend.native import NativeBlend, NativeCPUBlend
+from vllm_av.serving.blend.select import select_backend
+
+CPU = torch.device("cpu")
 from vllm_av.kernels import cpu
 
 
@@ -140,11 +144,11 @@ def test_without_a_compiler_auto_falls_back_to_dense_and_native_refuses(tmp_path
     cpu.load.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="vllm.av"):
-            assert choose_cpu_blend("auto") == ("dense", None)
+            assert isinstance(select_backend(CPU, "auto"), DenseBlend)
         assert "no C compiler" in caplog.text
         with pytest.raises(RuntimeError, match="'native' but the C blend kernel could not be built"):
-            choose_cpu_blend("native")
-        assert choose_cpu_blend("dense") == ("dense", None)
+            select_backend(CPU, "native")
+        assert isinstance(select_backend(CPU, "dense"), DenseBlend)
     finally:
         cpu.load.cache_clear()
 
@@ -168,9 +172,10 @@ def test_a_failing_compile_is_reported_not_raised(tmp_path, monkeypatch, caplog)
 def test_auto_uses_the_kernel_whenever_it_builds():
     kernel = cpu.load()
     assert kernel is not None
-    assert choose_cpu_blend("auto") == ("native", kernel)
-    assert choose_cpu_blend("native") == ("native", kernel)
-    assert choose_cpu_blend("dense") == ("dense", None)
+    for choice in ("auto", "native"):
+        backend = select_backend(CPU, choice)
+        assert isinstance(backend, NativeBlend) and backend.kernel == kernel
+    assert isinstance(select_backend(CPU, "dense"), DenseBlend)
 
 
 @pytest.mark.parametrize("rows", [37, 517])  # a decode-sized batch (two chunks, uneven); many chunks

@@ -294,12 +294,13 @@ def _llama_like(T=16, N=8, R=16, M=4, seed=0):
 @gpu
 @needs_cuda
 def test_op_dispatches_to_triton_on_cuda(monkeypatch):
-    import vllm_av.kernels.blend as blend_mod
     from vllm_av.serving.blend import op as ops
+    from vllm_av.serving.blend.select import select_backend
 
-    assert ops.op_impl_name("cuda") == "triton"
+    assert select_backend(torch.device("cuda")).name == "triton"
+    assert ops._implementations["cuda"] is blend_triton, "the Triton backend did not install the kernel"
     calls = []
-    monkeypatch.setattr(blend_mod, "blend_triton", lambda *a: (calls.append(1), blend_triton(*a))[1])
+    monkeypatch.setitem(ops._implementations, "cuda", lambda *a: (calls.append(1), blend_triton(*a))[1])
     (y, x, a, b, index, scale), slices = _llama_like()
     expected = y.clone()
     ops.blend_reference(expected, x, a, b, index, scale, slices)
@@ -311,7 +312,9 @@ def test_op_dispatches_to_triton_on_cuda(monkeypatch):
 @gpu
 @needs_cuda
 def test_op_under_torch_compile_fullgraph():
-    from vllm_av.serving.blend import op as ops  # noqa: F401  (registers the op)
+    from vllm_av.serving.blend.select import select_backend
+
+    select_backend(torch.device("cuda"))  # the op runs the Triton kernel on CUDA
 
     (y, x, a, b, index, scale), slices = _llama_like(T=24)
     expected = y.clone()
@@ -331,6 +334,9 @@ def test_op_under_torch_compile_fullgraph():
 def test_cuda_graph_replay_follows_new_indices():
     """Capture once, then change av_index/av_scale in place: replays use the new data."""
     from vllm_av.serving.blend import op as ops
+    from vllm_av.serving.blend.select import select_backend
+
+    select_backend(torch.device("cuda"))  # the op runs the Triton kernel on CUDA
 
     (y0, x, a, b, index, scale), slices = _llama_like(T=64, M=4)
     y = y0.clone()

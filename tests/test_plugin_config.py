@@ -30,10 +30,11 @@ def test_av_engine_config_enables_lora_and_leaves_the_runner_to_vllm(demo_paths)
     from vllm.engine.arg_utils import EngineArgs
 
     from vllm_av.serving.compat import patch_points as points
+    from vllm_av.serving.compat.version import installed_series
 
     config = engine_config(demo_paths)
     assert config.lora_config is not None
-    if points.USE_V2_MODEL_RUNNER_PROPERTY.applies_to(points.installed_series()):  # gone in 0.34 (MRV2 only)
+    if points.USE_V2_MODEL_RUNNER_PROPERTY.applies_to(installed_series()):  # gone in 0.34 (MRV2 only)
         model, _ = demo_paths
         plain = EngineArgs(model=str(model), dtype="float32", max_model_len=256, enforce_eager=True)
         assert config.use_v2_model_runner == plain.create_engine_config().use_v2_model_runner

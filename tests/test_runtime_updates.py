@@ -57,7 +57,7 @@ def entry(name: str, digest: str = "d0") -> AVEntry:
 
 
 def served(names=("alpha", "beta"), **config):
-    from vllm_av.serving.front.admission import ServedLibrary
+    from vllm_av.serving.front.served import ServedLibrary
 
     settings = AVConfig(path="/avs", allow_runtime_updates=True, **config)
     return ServedLibrary(settings, [entry(n) for n in names])
@@ -104,6 +104,7 @@ def test_the_offline_helper_works_inside_a_running_event_loop():
     """``AVRuntime`` (over ``LLM``) is synchronous; called from async code or Jupyter, where a loop
     already runs in the thread, it still completes instead of failing in ``asyncio.run``."""
     from vllm_av.serving.front.runtime import AVRuntime
+    from vllm_av.serving.front.served import serve_for
 
     calls = []
 
@@ -112,9 +113,12 @@ def test_the_offline_helper_works_inside_a_running_event_loop():
             calls.append((method, *args))
             return {"status": 200, "slot": 1} if method == "vllm_av_update" else {"alpha": 0}
 
-    library = served()
-    llm = SimpleNamespace(llm_engine=SimpleNamespace(input_processor=SimpleNamespace(_vllm_av=library),
-                                                     engine_core=Core()))
+    class InputProcessor:  # what the front's library is kept by (vllm_av.serving.front.served)
+        pass
+
+    processor = InputProcessor()
+    serve_for(processor, served())
+    llm = SimpleNamespace(llm_engine=SimpleNamespace(input_processor=processor, engine_core=Core()))
     runtime = AVRuntime(llm)
 
     async def from_async_code():
@@ -161,15 +165,20 @@ class FakeCore:
                                            model_config=SimpleNamespace(model=str(model)))
         self.scheduler = SimpleNamespace(requests={})
         self.ranks, self.fail_on_rank, self.calls = ranks, fail_on_rank, []
-        self.failure = "Traceback ...\nValueError: vllm-av: module x is not a linear layer"
+        self.failure, self.crash = "module x is not a linear layer", False
 
     def collective_rpc(self, method, args=()):
+        """Each rank's StepResult; the failing rank refuses the AV (or, with ``crash``, dies: the
+        executor raises with its own message)."""
         results = []
         for rank in range(self.ranks):
             self.calls.append((method.__name__, rank))
             if method.__name__ == "prepare_av" and rank == self.fail_on_rank:
-                raise RuntimeError(self.failure)
-            results.append(7)
+                if self.crash:
+                    raise RuntimeError(self.failure)
+                results.append({"error": self.failure})
+            else:
+                results.append({"slot": 7})
         return results
 
     def run(self, request_id, mix):
@@ -219,19 +228,32 @@ def test_one_failing_rank_leaves_every_rank_unchanged(demo):
     answer = update(core, "load", "delta", as_payload(entry("delta")))
     assert answer == {"status": 400, "error": "/avs/delta: module x is not a linear layer"}
     assert core.calls == [("prepare_av", 0), ("prepare_av", 1), ("discard_av", 0), ("discard_av", 1)]
-    # vLLM's multiprocessing executor wraps a worker's error in one line
-    core.failure = "Worker failed with error 'vllm-av: module y is not a linear layer', please check the stack trace"
-    assert update(core, "load", "delta", as_payload(entry("delta")))["error"] == "/avs/delta: module y is not a linear layer"
-    core.failure = "shape mismatch [4, 8] != [4, 9]\nmore"
+    # a rank that dies: the executor's message, first line
+    core.failure, core.crash = "shape mismatch [4, 8] != [4, 9]\nmore", True
     assert update(core, "load", "delta", as_payload(entry("delta")))["error"] == "/avs/delta: shape mismatch [4, 8] != [4, 9]"
+    assert core.calls[-2:] == [("discard_av", 0), ("discard_av", 1)]
     core.fail_on_rank = None
     assert update(core, "load", "delta", as_payload(entry("delta")))["status"] == 200, "the slot was left taken"
+
+
+def test_a_rank_reports_a_refused_av_in_its_answer_not_as_an_exception():
+    """Errors cross processes as data (serving/protocol.py): ``prepare_av`` answers with the error,
+    without the "vllm-av: " of the message it caught, and changes nothing."""
+    from vllm_av.serving.worker.slots import prepare_av
+
+    class Runner:  # a runner serving no AVs with runtime updates: _slots refuses
+        pass
+
+    worker = SimpleNamespace(model_runner=Runner())
+    assert prepare_av(worker, as_payload(entry("delta"))) == {
+        "error": "this worker serves no AVs with runtime updates on"}
 
 
 def test_a_request_admitted_against_weights_since_replaced_is_refused(demo):
     """The front stamps each AV's digest on a request; the engine core refuses one that arrives after
     its AV was replaced or unloaded (it would otherwise run on other weights)."""
-    from vllm_av.serving.engine.updates import VERSIONS_KEY, refusal, update
+    from vllm_av.serving.engine.updates import refusal, update
+    from vllm_av.serving.protocol import VERSIONS_KEY
     from vllm_av.serving.library.avs import library_for, local_model_dir
 
     model, library = demo
@@ -256,7 +278,8 @@ def test_a_slot_rewritten_in_place_blends_like_a_fresh_layout(form):
     """write_slot on a zero slot, on a replaced slot and back to zero: each time the blend equals one
     laid out from scratch with those weights; the native kernel keeps reading the same buffers."""
     from vllm_av.kernels.cpu import load
-    from vllm_av.serving.blend.cpu import CPUBlend, NativeCPUBlend
+    from vllm_av.serving.blend.dense import CPUBlend
+    from vllm_av.serving.blend.native import NativeCPUBlend
 
     gen = torch.Generator().manual_seed(5)
     slices, d_in, rank, num_avs, rows = [6, 5], 9, 4, 3, 7
@@ -299,10 +322,11 @@ def test_a_slot_rewritten_in_place_blends_like_a_fresh_layout(form):
 
 @pytest.mark.parametrize("dense", [False, True], ids=["op_tables", "dense_tables"])
 def test_tables_follow_a_slot_change_from_the_next_step(dense):
-    from vllm_av.serving.worker.tables import AVTables, AVWorkerState
+    from vllm_av.serving.blend.base import COEFFICIENTS, ENTRIES
+    from vllm_av.serving.worker.tables import AVWorkerState, make_tables
 
     entries = [AVEntry(name=n, path=f"/l/{n}", rank=2, modules=()) for n in ("a", "b")]
-    tables = AVTables(16, 2, 4, torch.device("cpu"), dense=dense)
+    tables = make_tables(COEFFICIENTS if dense else ENTRIES, 16, 2, 4, torch.device("cpu"))
     state = AVWorkerState(entries, AVConfig(path="/l", max_per_request=2), tables, 4)
     reqs = {rid: SimpleNamespace(sampling_params=SimpleNamespace(extra_args={"av": mix}))
             for rid, mix in {"r0": [["b", 1.5]], "r1": [["a", -1.0]]}.items()}

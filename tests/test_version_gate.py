@@ -11,7 +11,7 @@ pytestmark = pytest.mark.vllm
 
 # Run in a fresh interpreter that believes the installed vLLM is 0.35.0 (or that a hook fails).
 _PRELUDE = """
-import vllm_av.serving.compat.patch_points as points
+import vllm_av.serving.compat.version as version
 {pretend}
 import vllm_av.serving.plugin as plugin
 plugin.register()
@@ -34,7 +34,7 @@ def demo_paths():
 START_WITH_AV = """
 try:
     EngineArgs(model={model!r}, additional_config={{"av": {{"path": {library!r}}}}}).create_engine_config()
-except points.UnsupportedVLLMError as exc:
+except version.UnsupportedVLLMError as exc:
     print("REFUSED:", exc)
 else:
     print("STARTED")
@@ -43,7 +43,7 @@ else:
 
 def test_av_start_on_an_unsupported_vllm_fails_in_one_line_naming_the_versions(demo_paths):
     model, library = demo_paths
-    result = run_pretending('points.installed_vllm = lambda: ("vllm", "0.35.0")',
+    result = run_pretending('version.installed_vllm = lambda: ("vllm", "0.35.0")',
                             START_WITH_AV.format(model=str(model), library=str(library)))
     refused = [line for line in result.stdout.splitlines() if line.startswith("REFUSED:")]
     assert refused, result.stdout + result.stderr[-3000:]
@@ -79,7 +79,7 @@ else:
 (ok,) = llm.generate(["medical: the"], SamplingParams(max_tokens=4), use_tqdm=False)
 print("PLAIN OK:", len(ok.outputs[0].token_ids))
 """
-    result = run_pretending('points.installed_vllm = lambda: ("vllm", "0.35.0")', body)
+    result = run_pretending('version.installed_vllm = lambda: ("vllm", "0.35.0")', body)
     assert "REFUSED:" in result.stdout, result.stdout + result.stderr[-3000:]
     assert "does not serve AVs" in result.stdout
     assert "PLAIN OK: 4" in result.stdout

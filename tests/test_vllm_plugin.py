@@ -53,9 +53,12 @@ def llm(demo):
 
 
 def _runner_and_blend(worker) -> tuple[str, str]:
+    from vllm_av.serving.worker.state import worker_of
+
     runner = worker.model_runner
-    assert getattr(runner, "_vllm_av", None) is not None, "the AV state was not installed"
-    return ("v2" if hasattr(runner, "lora_state") else "v1"), runner._vllm_av.blend.label
+    state = worker_of(runner)
+    assert state is not None, "the AV state was not installed"
+    return ("v2" if hasattr(runner, "lora_state") else "v1"), state.backend.name
 
 
 @blend_path

@@ -86,6 +86,24 @@ def test_listing_endpoint(server):
     assert "runtime_updates" not in listing
 
 
+def test_the_av_routes_declare_their_bodies_and_answers(server):
+    """``/openapi.json`` describes the AV routes' request bodies and answers (pydantic models, as vLLM's
+    own /v1/load_lora_adapter), so generated clients and API fuzzers see them."""
+    url, _ = server
+    spec = requests.get(f"{url}/openapi.json", timeout=10).json()
+    schemas = spec["components"]["schemas"]
+    load = spec["paths"]["/v1/av/load"]["post"]
+    assert set(load["requestBody"]["content"]["application/json"]["schema"]["properties"]) == {"name", "path", "replace"}
+    assert load["responses"]["200"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/AVLoaded"}
+    assert {"400", "404", "409"} <= set(load["responses"])
+    unload = spec["paths"]["/v1/av/unload"]["post"]
+    assert set(unload["requestBody"]["content"]["application/json"]["schema"]["properties"]) == {"name"}
+    listing = spec["paths"]["/v1/av"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert listing == {"$ref": "#/components/schemas/AVListing"}
+    assert {"data", "value_functions", "limits", "lora_requests", "runtime_updates"} <= set(schemas["AVListing"]["properties"])
+    assert {"name", "rank", "digest", "in_use"} <= set(schemas["AVSummary"]["properties"])
+
+
 def test_runtime_updates_are_off_by_default(server, demo):
     url, _ = server
     for route, body in (("load", {"name": "x", "path": str(demo[1] / "alpha")}), ("unload", {"name": "alpha"})):

@@ -8,7 +8,8 @@ import torch
 
 from vllm_av.serving.settings.config import AVConfig
 from vllm_av.serving.library.avs import AVEntry
-from vllm_av.serving.worker.tables import AVTables, AVWorkerState
+from vllm_av.serving.blend.base import COEFFICIENTS, ENTRIES
+from vllm_av.serving.worker.tables import AVWorkerState, CoefficientTables, make_tables
 
 NAMES = ["a", "b", "c", "d"]
 RANK = 2
@@ -23,7 +24,7 @@ def dense(request):
 def make_state(dense, max_tokens=64, m=3, max_live=4):
     entries = [AVEntry(name=n, path=f"/lib/{n}", rank=RANK, modules=()) for n in NAMES]
     config = AVConfig(path="/lib", max_per_request=m)
-    tables = AVTables(max_tokens, m, len(NAMES), torch.device("cpu"), dense=dense)
+    tables = make_tables(COEFFICIENTS if dense else ENTRIES, max_tokens, m, len(NAMES), torch.device("cpu"))
     return AVWorkerState(entries, config, tables, max_live)
 
 
@@ -56,13 +57,13 @@ def check(state, reqs, order, counts):
         for name, s in (reqs[rid].mix or {}).items():
             coef[NAMES.index(name)] += s
         for _ in range(n):
-            if tables.dense:
+            if isinstance(tables, CoefficientTables):
                 assert tables.coef[row].tolist() == pytest.approx(coef)
             else:
                 assert tables.index[row].tolist() == idx
                 assert tables.scale[row].tolist() == pytest.approx(scale)
             row += 1
-    if tables.dense:
+    if isinstance(tables, CoefficientTables):
         assert (tables.coef[row:] == 0).all(), "rows past the batch must hold no entries"
     else:
         assert (tables.index[row:] == -1).all(), "rows past the batch must hold no entries"
@@ -70,7 +71,7 @@ def check(state, reqs, order, counts):
 
 
 def no_entries(tables, rows=slice(None)):
-    return (tables.coef[rows] == 0).all() if tables.dense else (tables.index[rows] == -1).all()
+    return (tables.coef[rows] == 0).all() if isinstance(tables, CoefficientTables) else (tables.index[rows] == -1).all()
 
 
 def test_rows_follow_requests_and_stale_rows_are_cleared(dense):
@@ -138,7 +139,8 @@ def test_table_overflow_is_an_error(dense):
 def test_cpu_blends_read_the_filled_tables(dense):
     """What the layer hook runs on CPU: each blend's ``from_tables`` on a step's tables, against float64."""
     from tests.test_ops_reference import loop_oracle
-    from vllm_av.serving.blend.cpu import CPUBlend, NativeCPUBlend
+    from vllm_av.serving.blend.dense import CPUBlend
+    from vllm_av.serving.blend.native import NativeCPUBlend
     from vllm_av.kernels.cpu import load
 
     state = make_state(dense)
@@ -167,14 +169,17 @@ def test_cuda_staging_buffers_are_not_rewritten_under_a_pending_copy():
     its copy: every snapshot must hold its own step's rows.
     """
     device = torch.device("cuda")
-    tables = AVTables(16, 2, len(NAMES), device, dense=False)
+    tables = make_tables(ENTRIES, 16, 2, len(NAMES), device)
     pool_index = np.array([[-1, -1], [0, 1], [2, -1], [3, 0]], dtype=np.int32)
     pool_scale = np.array([[0, 0], [0.5, -1], [2, 0], [1, 1]], dtype=np.float32)
+    tables.reset_pool(len(pool_index))
+    for row, (index, scale) in enumerate(zip(pool_index, pool_scale)):
+        tables.set_pool_row(row, [(int(i), float(s)) for i, s in zip(index, scale) if i >= 0])
     steps = [np.array([1, 1, 2]), np.array([2, 3]), np.array([3, 3, 3, 1])]
     torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time before any copy can run
     snapshots = []
     for rows in steps:
-        tables.write(pool_index, pool_scale, rows, len(rows))
+        tables.write(rows, len(rows))
         snapshots.append((tables.index.clone(), tables.scale.clone()))
     torch.cuda.synchronize()
     for rows, (index, scale) in zip(steps, snapshots):
@@ -188,15 +193,17 @@ def test_mrv2_hooks_fill_rows_from_the_input_batch_layout(dense):
     """MRV2: mixes come from the requests the scheduler sent (re-sent in full after preemption), rows
     from the sorted batch's query_start_loc (padded entries past num_reqs ignored)."""
     from vllm_av.serving.worker.runner_hooks import fill_tables_mrv2, record_new_requests
+    from vllm_av.serving.worker.state import AVWorker
 
     state = make_state(dense)
+    worker = AVWorker(state.config, backend=None, mixes=state, layers={}, needs_lora_mapping=False)
     reqs = requests({"r1": {"a": 0.5}, "r2": None, "r3": {"b": 2.0, "c": -1.25}})
-    record_new_requests(state, SimpleNamespace(scheduled_new_reqs=[
+    record_new_requests(worker, SimpleNamespace(scheduled_new_reqs=[
         SimpleNamespace(req_id=rid, sampling_params=r.sampling_params) for rid, r in reqs.items()]))
 
     def step(order, counts):
         layout = np.concatenate([[0], np.cumsum(counts), [sum(counts)] * 2]).astype(np.int32)  # 2 padded entries
-        fill_tables_mrv2(state, SimpleNamespace(req_ids=order, num_reqs=len(order), query_start_loc_np=layout))
+        fill_tables_mrv2(worker, SimpleNamespace(req_ids=order, num_reqs=len(order), query_start_loc_np=layout))
         row = 0
         for rid, n in zip(order, counts):
             idx, scale = expected_rows(reqs[rid].mix, state.config.max_per_request)
@@ -207,9 +214,9 @@ def test_mrv2_hooks_fill_rows_from_the_input_batch_layout(dense):
         assert no_entries(state.tables, slice(row, None))
 
     step(["r3", "r1", "r2"], [1, 1, 6])  # decodes first, then a prefill chunk
-    state.requests.pop("r3")  # preempted: MRV2 drops it ...
+    worker.requests.pop("r3")  # preempted: MRV2 drops it ...
     step(["r1", "r2"], [1, 1])
-    record_new_requests(state, SimpleNamespace(scheduled_new_reqs=[  # ... and re-sends it in full
+    record_new_requests(worker, SimpleNamespace(scheduled_new_reqs=[  # ... and re-sends it in full
         SimpleNamespace(req_id="r3", sampling_params=reqs["r3"].sampling_params)]))
     step(["r1", "r2", "r3"], [1, 1, 9])
 

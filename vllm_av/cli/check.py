@@ -100,7 +100,7 @@ def microbenchmark(device: str, dtype: str, blend) -> list[dict]:
 
     import vllm_av.serving.blend.op  # noqa: F401  (registers the op)
 
-    if blend.label == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+    if blend.name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
         return []  # Triton's interpreter: nothing worth timing
     torch_dtype = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(0)
@@ -111,9 +111,7 @@ def microbenchmark(device: str, dtype: str, blend) -> list[dict]:
             make = lambda *shape: (torch.randn(*shape, generator=gen) * 0.05).to(device, torch_dtype)  # noqa: E731
             weight, x, y = make(out, d_in), make(tokens, d_in), make(tokens, out)
             lora_a, lora_b = make(len(slices), len(AV_SEEDS), RANK, d_in), make(len(AV_SEEDS), out, RANK)
-            index = torch.tensor([[0, 1]] * tokens, dtype=torch.int32, device=device)
-            scale = torch.rand(tokens, 2, generator=gen).to(device)
-            add_blend = _blend_call(blend, y, x, lora_a, lora_b, index, scale, slices)
+            add_blend = _blend_call(blend, y, x, lora_a, lora_b, slices)
             gemm = _median_seconds(lambda: torch.mm(x, weight.t(), out=y), device)
             blended = _median_seconds(add_blend, device)
             rows.append({"layer": name, "tokens": tokens, "gemm_us": gemm * 1e6, "blend_us": blended * 1e6,
@@ -121,21 +119,20 @@ def microbenchmark(device: str, dtype: str, blend) -> list[dict]:
     return rows
 
 
-def _blend_call(blend, y, x, lora_a, lora_b, index, scale, slices):
-    """``y += blend(x)`` as the engine's layers run it with ``blend``."""
-    import torch
+def _blend_call(blend, y, x, lora_a, lora_b, slices):
+    """``y += blend(x)`` as the engine's layers run it with the backend ``blend``: the layer's blend on a
+    step's tables in which every row mixes both AVs."""
+    import numpy as np
 
-    from vllm_av.serving.blend.cpu import CPUBlend, NativeCPUBlend
-    from vllm_av.serving.blend.op import mix_coefficients
+    from vllm_av.serving.worker.tables import make_tables
 
-    if blend.form == "op":
-        active = torch.ones(1, dtype=torch.int32, device=y.device)
-        return lambda: torch.ops.vllm_av.blend_(y, x, lora_a, lora_b, index, scale, active, slices)
-    if blend.form == "native":
-        layer = NativeCPUBlend(blend.cpu_kernel, lora_a, lora_b, slices, [RANK] * lora_a.shape[1])
-        return lambda: layer(y, x, index, scale)
-    layer, coef = CPUBlend(lora_a, lora_b, slices), mix_coefficients(index, scale, lora_a.shape[1])
-    return lambda: layer(y, x, coef)
+    rows, num_avs = y.shape[0], lora_a.shape[1]
+    tables = make_tables(blend.table_form, rows, num_avs, num_avs, y.device)
+    tables.reset_pool(2)
+    tables.set_pool_row(1, [(0, 0.7), (1, -0.4)])
+    tables.write(np.ones(rows, dtype=np.int64), rows)
+    layer = blend.layer(lora_a, lora_b, slices, [RANK] * num_avs)
+    return lambda: layer.from_tables(y, x, tables)
 
 
 def _median_seconds(fn, device: str, reps: int = 20) -> float:
@@ -174,8 +171,9 @@ def run_check(device: str | None = None, dtype: str = "float32", workdir: str | 
 def _check(root: Path, device: str, dtype: str, json_out: str | None) -> int:
     import torch
 
+    from vllm_av.serving.compat import checker
     from vllm_av.serving.compat import patch_points as points
-    from vllm_av.serving.blend.select import choose_blend
+    from vllm_av.serving.blend.select import select_backend
     from vllm_av.testing.oracle import merged_model
 
     start = time.time()
@@ -203,11 +201,11 @@ def _check(root: Path, device: str, dtype: str, json_out: str | None) -> int:
         rows.append(RowResult(i, prompt, mix, tokens, problem))
     base_tokens = {row.prompt: row.tokens for row in rows if row.mix is None}
     moved = sum(1 for row in rows if row.mix and row.prompt in base_tokens and row.tokens != base_tokens[row.prompt])
-    blend = choose_blend(torch.device(device))  # what the engine's worker chose, by the same rule
-    version, point_results = points.check(points.installed_source())
+    blend = select_backend(torch.device(device))  # what the engine's worker chose, by the same rule
+    version, point_results = checker.check(checker.installed_source())
     missing = [f"{p.name}: {why}" for p, why in point_results if why]
     report = {
-        "vllm": version, "runner": _runner(config), "blend": blend.label, "device": device, "dtype": dtype,
+        "vllm": version, "runner": _runner(config), "blend": blend.name, "device": device, "dtype": dtype,
         "compile_mode": _name(config.compilation_config.mode),
         "cudagraph_mode": _name(config.compilation_config.cudagraph_mode),
         "patch_points": {"as_expected": len(point_results) - len(missing), "total": len(point_results),

@@ -75,7 +75,7 @@ def extract_command(p: argparse.ArgumentParser) -> Runner:
             progress=not args.no_progress,
         )
         from vllm_av.offline.report import dropped_summary, served_rank_note
-        from vllm_av.serving.settings.config import DEFAULT_MAX_RANK
+        from vllm_av.format.validate import DEFAULT_MAX_RANK
 
         t = meta.totals
         print(

@@ -13,12 +13,13 @@ import sys
 def serve_main(argv: list[str]) -> int:
     """Parse ``argv`` as ``vllm serve`` arguments (``--enable-av`` implied) and run the server."""
     from vllm_av.serving.compat import patch_points as points
+    from vllm_av.serving.compat.version import installed_series, require_supported_vllm
 
-    points.require_supported_vllm()
+    require_supported_vllm()
     from vllm_av.serving.plugin import register
 
     register()  # also loaded by vLLM itself; registering first is harmless (idempotent)
-    series = points.installed_series()
+    series = installed_series()
     cli_env_setup = points.CLI_ENV_SETUP if points.CLI_ENV_SETUP.applies_to(series) else points.CLI_ENV_SETUP_032
     cli_env_setup.get()()
     parser = points.ARG_PARSER.get()(prog="vllm-av", description="vLLM OpenAI server with Alignment Vectors")

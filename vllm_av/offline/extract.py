@@ -8,7 +8,6 @@ directory next to ``--out`` and renamed into place, so a failure leaves nothing 
 
 from __future__ import annotations
 
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,6 +15,8 @@ from pathlib import Path
 from vllm_av import __version__
 from vllm_av.format.avfile import AV_JSON, AVMeta, ModuleStats, Totals, write_av
 from vllm_av.format.checkpoint import Checkpoint, arch_fields, is_moe_expert
+from vllm_av.format.names import name_problem
+from vllm_av.format.validate import validate_av_dir
 from vllm_av.errors import AVError
 from vllm_av.offline import svd
 
@@ -24,7 +25,6 @@ from vllm_av.offline import svd
 TARGET_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj")
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
-NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # names a server accepts for an AV
 
 
 def lora_module(name: str, shape: tuple[int, ...]) -> str | None:
@@ -152,8 +152,9 @@ def _check_options(rank, energy, name, device, dtype) -> None:
         raise AVError(f"--rank must be >= 1, got {rank}")
     if energy is not None and not 0 < energy <= 1:
         raise AVError(f"--energy must be in (0, 1], got {energy}")
-    if not NAME_RE.fullmatch(name):
-        raise AVError(f"AV name {name!r} must be 1-64 characters of [A-Za-z0-9_.-] (set it with --name)")
+    problem = name_problem(name)
+    if problem:
+        raise AVError(f"{problem} (set it with --name)")
     if dtype not in DTYPES:
         raise AVError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if device not in DEVICES:
@@ -225,6 +226,7 @@ def _write_atomically(out: Path, meta: AVMeta, factors: dict) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         write_av(tmp, meta, factors)
+        validate_av_dir(tmp, max_rank=meta.max_rank, name=meta.name)  # what a server will check
         if out.exists():  # --force, checked by _check_out
             old = tmp.with_name(tmp.name + ".old")
             out.rename(old)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from vllm_av.format.avfile import AVMeta, Compatibility
 from vllm_av.format.checkpoint import is_moe_expert
-from vllm_av.serving.settings.config import DEFAULT_MAX_RANK
+from vllm_av.format.validate import DEFAULT_MAX_RANK
 
 EMBEDDING_PARTS = ("embed_tokens", "lm_head", "wte", "wpe", "embed_in", "embed_out", "word_embeddings")
 

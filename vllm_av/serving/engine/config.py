@@ -12,6 +12,7 @@ import os
 
 from vllm_av.format.checkpoint import MOE_EXPERT_COUNT_FIELDS
 from vllm_av.serving.compat import patch_points as points
+from vllm_av.serving.compat.version import UnsupportedVLLMError
 from vllm_av.serving.settings.config import CONFIG_KEY, av_config_from
 from vllm_av.serving.library.avs import library_digest, library_for, local_model_dir
 from vllm_av.serving.library.values import value_library_for
@@ -170,7 +171,7 @@ def install_refusal(reason: str) -> None:
 
     def create_engine_config(self, *args, **kwargs):
         if self.additional_config and CONFIG_KEY in self.additional_config:
-            raise points.UnsupportedVLLMError(reason)
+            raise UnsupportedVLLMError(reason)
         return original_create(self, *args, **kwargs)
 
     points.ENGINE_CREATE_CONFIG.replace(create_engine_config)

@@ -7,8 +7,10 @@ every queued and running request, so here an update:
 * is refused (409) while any queued or running request uses the AV it would unload or replace
   -- requests never switch weights mid-generation;
 * is refused (409) when every slot is taken (capacity is fixed at start: no reallocation);
-* reaches every rank through vLLM's ``collective_rpc`` in two phases (:mod:`.worker.runtime`):
-  prepare everywhere, then commit everywhere, so a rank that fails leaves no rank changed.
+* reaches every rank through vLLM's ``collective_rpc`` in two phases (:mod:`vllm_av.serving.worker.slots`):
+  prepare everywhere, then commit everywhere, so a rank that fails leaves no rank changed. Each
+  rank answers with a :class:`~vllm_av.serving.protocol.StepResult` (its slot, or the error that
+  names the problem), never an exception whose text must be searched.
 
 Each admitted request carries the digests of the AVs it was admitted with
 (``extra_args["av_versions"]``); a request whose AV was unloaded or replaced between its admission
@@ -18,18 +20,18 @@ and its arrival here is finished with an error instead of running on other weigh
 from __future__ import annotations
 
 import logging
+import weakref
 
 from vllm_av.serving.compat import patch_points as points
-from vllm_av.serving.settings.config import AVConfig, av_config_from
 from vllm_av.serving.library.avs import library_for, local_model_dir
-from vllm_av.serving.front.mix import MIX_KEY
+from vllm_av.serving.protocol import IN_USE_METHOD, UPDATE_METHOD, VERSIONS_KEY, Answer, answer, canonical_mix
+from vllm_av.serving.settings.config import AVConfig, av_config_from
 from vllm_av.serving.worker.slots import commit_av, discard_av, prepare_av, unload_av
 
 logger = logging.getLogger("vllm.av")
 
-UPDATE_METHOD = "vllm_av_update"  # the engine-core utility's name
-IN_USE_METHOD = "vllm_av_in_use"  # the engine-core utility counting each loaded AV's requests
-VERSIONS_KEY = "av_versions"  # extra_args: {AV name: digest} of the AVs a request was admitted with
+
+_libraries: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine core -> its _Library or None
 
 
 class _Library:
@@ -43,19 +45,17 @@ class _Library:
 
 def _library(core) -> _Library | None:
     """This engine core's :class:`_Library` when runtime updates are on, else None."""
-    library = core.__dict__.get("_vllm_av_library", False)
-    if library is False:
+    if core not in _libraries:
         config = av_config_from(core.vllm_config.additional_config)
         library = None
         if config is not None and config.allow_runtime_updates:
             library = _Library(config, local_model_dir(core.vllm_config.model_config.model))
-        core._vllm_av_library = library
-    return library
+        _libraries[core] = library
+    return _libraries[core]
 
 
 def _uses(request, name: str) -> bool:
-    extra = getattr(request.sampling_params, "extra_args", None) or {}
-    return any(pair[0] == name for pair in extra.get(MIX_KEY) or ())
+    return any(av == name for av, _ in canonical_mix(getattr(request.sampling_params, "extra_args", None)))
 
 
 def requests_using(core, name: str) -> int:
@@ -70,57 +70,54 @@ def in_use(core) -> dict[str, int]:
     return {name: requests_using(core, name) for name in library.digests} if library is not None else {}
 
 
-def _answer(status: int, message: str = "", **fields) -> dict:
-    return {"status": status, "error": message, **fields} if message else {"status": status, **fields}
-
-
-def update(core, op: str, name: str, entry: dict | None = None, replace: bool = False) -> dict:
+def update(core, op: str, name: str, entry: dict | None = None, replace: bool = False) -> Answer:
     """The ``vllm_av_update`` utility: ``op`` ``load`` (``entry``: a validated ``AVEntry`` as a dict)
     or ``unload``. Returns ``{"status": 200, "slot": ...}`` or ``{"status": 4xx, "error": ...}``."""
     library = _library(core)
     if library is None:
-        return _answer(404, "runtime AV updates are off; start the server with --av-allow-runtime-updates")
+        return answer(404, "runtime AV updates are off; start the server with --av-allow-runtime-updates")
     loaded = library.digests
     if op == "unload" and name not in loaded:
-        return _answer(404, f"AV {name!r} is not loaded")
+        return answer(404, f"AV {name!r} is not loaded")
     if op == "load" and name in loaded and not replace:
-        return _answer(409, f"AV {name!r} is already loaded; pass \"replace\": true to replace it")
+        return answer(409, f"AV {name!r} is already loaded; pass \"replace\": true to replace it")
     if op == "load" and name not in loaded and len(loaded) >= library.capacity:
-        return _answer(409, f"all {library.capacity} AV slots are in use (--av-max-loaded); unload an AV first")
+        return answer(409, f"all {library.capacity} AV slots are in use (--av-max-loaded); unload an AV first")
     if name in loaded:
         in_use = requests_using(core, name)
         if in_use:
             what = "replace" if op == "load" else "unload"
-            return _answer(409, f"AV {name!r} is used by {in_use} queued or running request(s); "
+            return answer(409, f"AV {name!r} is used by {in_use} queued or running request(s); "
                                 f"{what} it when they have finished", in_use=in_use)
     if op == "unload":
-        slot = core.collective_rpc(unload_av, args=(name,))[0]
+        slot = core.collective_rpc(unload_av, args=(name,))[0]["slot"]
         del loaded[name]
         logger.info("vllm-av: AV %s unloaded (slot %d)", name, slot)
-        return _answer(200, slot=slot)
+        return answer(200, slot=slot)
     if op != "load" or entry is None:
-        return _answer(400, f"unknown AV update {op!r}")
-    try:
-        core.collective_rpc(prepare_av, args=(entry,))
-    except Exception as exc:  # noqa: BLE001 -- any rank's refusal: undo everywhere, report it
+        return answer(400, f"unknown AV update {op!r}")
+    error = _prepare_everywhere(core, entry)
+    if error is not None:  # any rank's refusal: undo everywhere, report it
         core.collective_rpc(discard_av, args=(name,))
-        return _answer(400, f"{entry['path']}: {_worker_message(exc)}")
-    slot = core.collective_rpc(commit_av, args=(name,))[0]
+        return answer(400, f"{entry['path']}: {error}")
+    slot = core.collective_rpc(commit_av, args=(name,))[0]["slot"]
     replaced = name in loaded
     loaded[name] = entry["digest"]
     logger.info("vllm-av: AV %s %s (slot %d, rank %d, %d modules)", name, "replaced" if replaced else "loaded",
                 slot, entry["rank"], len(entry["modules"]))
-    return _answer(200, slot=slot, replaced=replaced)
+    return answer(200, slot=slot, replaced=replaced)
 
 
-def _worker_message(exc: Exception) -> str:
-    """The message a rank raised, out of the executor's wrapping ("Worker failed with error '...', please
-    check ...", or a remote traceback): the last line naming vllm-av, else the error's first line."""
-    text = str(exc).strip()
-    ours = [line for line in text.splitlines() if "vllm-av: " in line]
-    if not ours:
-        return text.splitlines()[0] if text else type(exc).__name__
-    return ours[-1].split("vllm-av: ", 1)[1].split("', please check the stack trace")[0]
+def _prepare_everywhere(core, entry: dict) -> str | None:
+    """Prepare ``entry`` on every rank; the first rank's error (None: every rank is ready).
+
+    A rank reports a bad AV in its answer; an exception here means a rank failed outright (its
+    executor's message, first line)."""
+    try:
+        results = core.collective_rpc(prepare_av, args=(entry,))
+    except Exception as exc:  # noqa: BLE001 -- a rank died or the executor failed: report it, keep serving
+        return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return next((result["error"] for result in results if "error" in result), None)
 
 
 def refusal(core, request) -> str | None:

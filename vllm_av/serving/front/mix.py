@@ -16,13 +16,11 @@ import math
 import re
 from collections.abc import Collection
 
+from vllm_av.format.names import NAME_RE
 from vllm_av.serving.settings.config import AVConfig
 
 Mix = tuple[tuple[str, float], ...]
 
-MIX_KEY = "av"  # the key of a request's mix in ``SamplingParams.extra_args`` and the OpenAI ``vllm_xargs``
-
-NAME_RE = re.compile(r"[A-Za-z0-9_.\-]+")
 # ASCII digits only: Python's \d and float() also take other scripts' digits ("١", "１").
 _NUMBER_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
 

@@ -16,18 +16,13 @@ from __future__ import annotations
 import math
 from collections.abc import Collection
 
+from vllm_av.serving.protocol import ALPHA_KEY, RECONTROL_KEY, RECONTROL_KEYS, STEPS_KEY
 from vllm_av.serving.settings.config import AVConfig
-from vllm_av.serving.front.mix import MixError
-
-RECONTROL_KEY = "recontrol"
-ALPHA_KEY = "recontrol_alpha"
-STEPS_KEY = "recontrol_steps"
-RECONTROL_KEYS = (RECONTROL_KEY, ALPHA_KEY, STEPS_KEY)
 
 Setting = tuple[str, float, int]  # (value function, α, n)
 
 
-class RecontrolError(MixError):
+class RecontrolError(ValueError):
     """A request's RE-Control setting is malformed or breaks a server limit."""
 
 

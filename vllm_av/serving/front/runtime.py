@@ -1,6 +1,6 @@
 """Runtime AV updates from the front: validate, ask the engine core, then change what requests may use.
 
-One flow for ``POST /v1/av/load`` / ``/v1/av/unload`` (:mod:`.frontend`) and for the offline helper
+One flow for ``POST /v1/av/load`` / ``/v1/av/unload`` (:mod:`.http`) and for the offline helper
 :class:`AVRuntime` over ``vllm.LLM``:
 
 1. a new AV is validated here exactly as the library is at start (safetensors only, shapes against
@@ -8,7 +8,7 @@ One flow for ``POST /v1/av/load`` / ``/v1/av/unload`` (:mod:`.frontend`) and for
    the file and nothing reaches the engine;
 2. while the update runs, its AV name is *updating*: requests naming it are refused (400, "retry")
    rather than admitted against weights that are about to change;
-3. the engine core (:mod:`.engine_updates`) refuses updates to AVs in use (409) or beyond the
+3. the engine core (:mod:`vllm_av.serving.engine.updates`) refuses updates to AVs in use (409) or beyond the
    fixed capacity (409), else loads the AV on every rank between two engine steps;
 4. only then does the front's library change (``GET /v1/av``, mix validation, prefix-cache salts).
 
@@ -22,22 +22,15 @@ import asyncio
 import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 
-from vllm_av.serving.engine.updates import IN_USE_METHOD, UPDATE_METHOD
+from vllm_av.serving.front.served import served_by
 from vllm_av.serving.library.avs import AVLibraryError, load_av
-
-
-class AVUpdateError(Exception):
-    """A refused runtime update: ``status`` is the HTTP status (400, 404, 409), the message says why."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
+from vllm_av.serving.protocol import IN_USE_METHOD, UPDATE_METHOD, AVUpdateError
 
 
 async def load(served, call, name: object, path: object, replace: bool = False) -> dict:
     """Load AV ``name`` from directory ``path`` (``replace``: over a loaded AV of that name).
 
-    ``served``: the front's :class:`~vllm_av.serving.front.admission.ServedLibrary`; ``call(*args)``: an
+    ``served``: the front's :class:`~vllm_av.serving.front.served.ServedLibrary`; ``call(*args)``: an
     awaitable engine-core utility call of :data:`UPDATE_METHOD`. Returns the AV's listing entry.
     """
     _require_updates(served)
@@ -79,7 +72,7 @@ def _require_updates(served) -> None:
 
 def _raise_refusal(answer: dict) -> None:
     if answer.get("status") != 200:
-        raise AVUpdateError(answer.get("status", 500), answer.get("error", "the engine refused the update"))
+        raise AVUpdateError.from_answer(answer)
 
 
 def _as_dict(entry) -> dict:
@@ -115,7 +108,7 @@ class AVRuntime:
 
     def __init__(self, llm):
         engine = llm.llm_engine
-        self._served = getattr(engine.input_processor, "_vllm_av", None)
+        self._served = served_by(engine.input_processor)
         self._client = engine.engine_core
 
     def _call(self, method: str, *args) -> dict:

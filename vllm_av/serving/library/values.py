@@ -15,8 +15,10 @@ from pathlib import Path
 from vllm_av.recontrol.valuefile import (
     VALUE_JSON, ValueFileError, check_value_compatibility, check_value_file, read_value_meta,
 )
-from vllm_av.serving.settings.config import AVConfig
-from vllm_av.serving.library.avs import AVLibraryError, inside, name_problem, scan_entries
+from vllm_av.format.names import name_problem
+from vllm_av.format.validate import inside
+from vllm_av.serving.library.scan import AVLibraryError, scan_entries
+from vllm_av.serving.settings.config import AVConfig, library_key
 
 LIBRARY = "value-function library"
 _libraries: dict[tuple, list] = {}
@@ -52,7 +54,7 @@ def _load_entry(directory: Path, config: AVConfig, model_dir: str | None, hidden
     except ValueFileError as exc:
         raise AVLibraryError(str(exc)) from None
     name = meta.get("name") or directory.name
-    problem = name_problem(name, config, noun="value-function")
+    problem = name_problem(name, config.max_name_length, noun="value-function")
     if problem:
         raise AVLibraryError(f"{directory / VALUE_JSON}: {problem}")
     if hidden_size is not None and meta["hidden_size"] != hidden_size:
@@ -97,7 +99,7 @@ def value_library_for(config: AVConfig, model_dir: str | None) -> list[ValueEntr
     """:func:`load_value_library` once per process for the same settings and model; [] when RE-Control is off."""
     if not config.recontrol_path:
         return []
-    key = (config.recontrol_path, config.max_name_length, config.lenient, model_dir)
+    key = library_key(config, "values", model_dir)
     if key not in _libraries:
         _libraries[key] = load_value_library(config, model_dir)
     return _libraries[key]

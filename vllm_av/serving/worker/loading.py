@@ -2,12 +2,11 @@
 
 After vLLM wraps the model's linear layers for LoRA, :func:`install` loads every AV of the
 library with vLLM's own LoRA loader (so q/k/v and gate/up packing, alpha/r folding and
-tensor-parallel slicing are vLLM's) into per-layer buffers: for the blend op (on CUDA, and on CPU
-when chosen, :mod:`vllm_av.serving.blend.select`) ``_av_a [S, N, R, in]`` and ``_av_b [N, OUT, R]``,
-otherwise on CPU the same weights laid out for the layer's CPU blend (``_av_cpu_blend``: the C
-kernel or the dense GEMMs, :mod:`vllm_av.serving.blend.cpu`).
-They are separate from vLLM's LoRA slots, which vLLM wipes after warm-up, and keep fixed
-addresses for CUDA graphs. Every wrapped layer reads the runner's :class:`AVTables`.
+tensor-parallel slicing are vLLM's) into per-layer buffers ``lora_a [S, N, R, in]`` and
+``lora_b [N, OUT, R]``, laid out by the engine's blend backend (:mod:`vllm_av.serving.blend.select`)
+into the layer's :class:`~vllm_av.serving.worker.state.AVLayerState`. They are separate from
+vLLM's LoRA slots, which vLLM wipes after warm-up, and keep fixed addresses for CUDA graphs.
+Every wrapped layer reads the runner's per-step tables.
 
 With runtime updates on (``av.allow_runtime_updates``) every LoRA-capable linear layer gets a
 fixed number of AV slots (``AVConfig.capacity``) of the server's max rank from the start, and
@@ -22,13 +21,14 @@ from collections.abc import Sequence
 import torch
 
 import vllm_av.serving.blend.op  # noqa: F401  (registers torch.ops.vllm_av.blend_)
+from vllm_av.serving.blend.base import BlendBackend
+from vllm_av.serving.blend.select import select_backend
 from vllm_av.serving.compat import patch_points as points
-from vllm_av.serving.blend.cpu import CPUBlend, NativeCPUBlend
-from vllm_av.serving.blend.select import BlendChoice, choose_blend
-from vllm_av.serving.settings.config import AVConfig
 from vllm_av.serving.library.avs import AVEntry
+from vllm_av.serving.settings.config import AVConfig
 from vllm_av.serving.worker.layer_hooks import use_base_forward
-from vllm_av.serving.worker.tables import AVTables, AVWorkerState
+from vllm_av.serving.worker.state import AVLayerState
+from vllm_av.serving.worker.tables import make_tables
 
 logger = logging.getLogger("vllm.av")
 
@@ -56,29 +56,23 @@ def layer_stacks(layer, weights: list, rank: int) -> tuple[torch.Tensor, torch.T
     return lora_a, lora_b, [b.shape[2] for b in stacks_b]
 
 
-def attach_layer(layer, weights: list, tables: AVTables, ranks: list[int], rank: int, blend: BlendChoice) -> None:
-    """Load ``weights`` (one vLLM ``LoRALayerWeights`` or None per AV slot) into ``layer``'s AV buffers.
+def attach_layer(layer, weights: list, tables, ranks: list[int], rank: int, backend: BlendBackend,
+                 skip_stock_lora: bool = True) -> None:
+    """Load ``weights`` (one vLLM ``LoRALayerWeights`` or None per AV slot) into ``layer``'s AV state.
 
     ``ranks``: each slot's AV rank; ``rank``: the buffers' rank (at least the largest);
-    ``blend``: the engine's blend (:func:`vllm_av.serving.blend.select.choose_blend`).
+    ``backend``: the engine's blend (:func:`vllm_av.serving.blend.select.select_backend`).
     """
     lora_a, lora_b, slices = layer_stacks(layer, weights, rank)
-    if blend.form == "op":
-        layer._av_a, layer._av_b, layer._av_slices = lora_a, lora_b, slices
-        layer._av_cpu_blend = None
-    elif blend.form == "dense":
-        layer._av_cpu_blend = CPUBlend(lora_a, lora_b, slices)
-    else:
-        layer_ranks = [r if w is not None else 0 for r, w in zip(ranks, weights)]
-        layer._av_cpu_blend = NativeCPUBlend(blend.cpu_kernel, lora_a, lora_b, slices, layer_ranks)
-    layer._av_tables = tables
+    layer_ranks = [r if w is not None else 0 for r, w in zip(ranks, weights)]
+    layer._vllm_av = AVLayerState(tables, backend.layer(lora_a, lora_b, slices, layer_ranks), skip_stock_lora,
+                                  backend.every_step)
 
 
 def slot_stacks(layer, weight) -> tuple[torch.Tensor, torch.Tensor]:
     """``(lora_a [S, R, in], lora_b [OUT, R])``: one AV's ``weight`` (a vLLM ``LoRALayerWeights``; None:
     zeros) sliced and packed for ``layer`` on this rank, at its AV slots' rank, for :func:`write_slot`."""
-    buffer_rank = layer._av_a.shape[2] if layer._av_cpu_blend is None else layer._av_cpu_blend.rank
-    lora_a, lora_b, _ = layer_stacks(layer, [weight], buffer_rank)
+    lora_a, lora_b, _ = layer_stacks(layer, [weight], layer._vllm_av.blend.rank)
     return lora_a[:, 0], lora_b[0]
 
 
@@ -88,12 +82,7 @@ def write_slot(layer, slot: int, stacks: tuple[torch.Tensor, torch.Tensor], rank
 
     The buffers keep their shapes and addresses, so compiled graphs and CUDA graphs stay valid.
     """
-    lora_a, lora_b = stacks
-    if layer._av_cpu_blend is None:
-        layer._av_a[:, slot].copy_(lora_a)
-        layer._av_b[slot].copy_(lora_b)
-    else:
-        layer._av_cpu_blend.write_slot(slot, lora_a, lora_b, rank)
+    layer._vllm_av.blend.write_slot(slot, *stacks, rank)
 
 
 def load_lora_model(runner, entry: AVEntry, lora_id: int):
@@ -129,8 +118,13 @@ def refuse_unplaced(entries: Sequence[AVEntry], lora_models: list, attached) -> 
                              f"layer vLLM can put LoRA on in this model; extract without it")
 
 
-def install(runner, model, vllm_config, entries: Sequence[AVEntry], config: AVConfig) -> AVWorkerState:
-    """Load the library into ``model`` (LoRA-wrapped by ``runner``); return the runner's AV state."""
+def install(runner, model, vllm_config, entries: Sequence[AVEntry], config: AVConfig):
+    """Load the library into ``model`` (LoRA-wrapped by ``runner``).
+
+    Returns ``(backend, tables, layers, needs_mapping)``: the blend backend, the per-step tables its
+    layers read, ``{module name: layer}`` of the layers holding AV weights, and whether vLLM's own
+    per-step LoRA mapping must still be built.
+    """
     linear_lora = points.BASE_LINEAR_LORA.get()
     manager = runner.lora_manager._adapter_manager
     lora_models = [load_lora_model(runner, entry, lora_id=i + 1) for i, entry in enumerate(entries)]
@@ -141,31 +135,27 @@ def install(runner, model, vllm_config, entries: Sequence[AVEntry], config: AVCo
     rank = config.max_rank if config.allow_runtime_updates else max(ranks)
     device = next(iter(model.parameters())).device
     max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
-    blend = choose_blend(device, config.cpu_blend)
-    tables = AVTables(max_tokens, config.max_per_request, capacity, device, dense=blend.form == "dense")
-    layers, max_slices, attached = 0, 0, {}
+    backend = select_backend(device, config.cpu_blend)
+    tables = make_tables(backend.table_form, max_tokens, config.max_per_request, capacity, device)
+    skip_stock_lora = not config.stock_lora
+    max_slices, attached = 0, {}
     for name, layer in manager.modules.items():
-        layer._av_skip_stock_lora = not config.stock_lora  # read by the layer hooks
+        layer._vllm_av = AVLayerState(skip_stock_lora=skip_stock_lora)  # every wrapped layer: the hooks read it
         if not isinstance(layer, linear_lora):
             continue
         weights = [manager._get_lora_layer_weights(lora_model, name) for lora_model in lora_models] + [None] * free
         if config.allow_runtime_updates or any(w is not None for w in weights):
-            attach_layer(layer, weights, tables, ranks, rank, blend)
-            layers, max_slices = layers + 1, max(max_slices, len(layer.lora_b_stacked))
+            attach_layer(layer, weights, tables, ranks, rank, backend, skip_stock_lora)
+            max_slices = max(max_slices, len(layer.lora_b_stacked))
             attached[name] = layer
-        if blend.form != "op" and not config.stock_lora and layer.tp_size == 1:
+        if not backend.every_step and skip_stock_lora and layer.tp_size == 1:
             use_base_forward(layer)
     refuse_unplaced(entries, lora_models, attached)
-    if layers == 0:
+    if not attached:
         raise ValueError("vllm-av: no AV in the library matches a LoRA-capable layer of this model")
-    if blend.label == "triton":  # the kernel's scratch, sized now: nothing may allocate in a graph capture
-        from vllm_av.kernels.blend import reserve_scratch
-
-        reserve_scratch(device, max_tokens, max_slices, capacity, rank)
-    logger.info(
-        "vllm-av: %d AVs (max rank %d) on %d layers; up to %d per request; blend implementation: %s",
-        len(entries), rank, layers, config.max_per_request, blend.label,
-    )
+    backend.reserve(max_tokens, max_slices, capacity, rank)  # nothing may allocate in a graph capture
+    logger.info("vllm-av: %d AVs (max rank %d) on %d layers; up to %d per request",
+                len(entries), rank, len(attached), config.max_per_request)
     if config.allow_runtime_updates:
         logger.info("vllm-av: runtime updates on: %d AV slots of rank %d on every LoRA-capable linear layer",
                     capacity, rank)
@@ -173,7 +163,4 @@ def install(runner, model, vllm_config, entries: Sequence[AVEntry], config: AVCo
     # nothing reads vLLM's per-step LoRA mapping: the runner hook stops building it.
     skippable = (linear_lora, points.LOGITS_LORA.get(), points.EMBEDDING_LORA.get())
     needs_mapping = config.stock_lora or not all(isinstance(m, skippable) for m in manager.modules.values())
-    state = AVWorkerState(entries, config, tables, vllm_config.scheduler_config.max_num_seqs, needs_mapping)
-    state.layers = attached
-    state.blend = blend
-    return state
+    return backend, tables, attached, needs_mapping

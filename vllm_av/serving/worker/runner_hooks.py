@@ -50,22 +50,16 @@ import weakref
 import numpy as np
 
 from vllm_av.serving.compat import patch_points as points
+from vllm_av.serving.compat.version import installed_series
 from vllm_av.serving.settings.config import av_config_from
-from vllm_av.serving.library.avs import library_for, local_model_dir
-from vllm_av.serving.library.values import value_library_for
-from vllm_av.serving.worker.loading import install as install_av
-from vllm_av.serving.worker.slots import RuntimeSlots
-from vllm_av.serving.worker.steering import install_steering
+from vllm_av.serving.worker.build import build_worker
+from vllm_av.serving.worker.state import worker_of
 
 logger = logging.getLogger("vllm.av")
 
 
 # MRV2 runners whose LoRA carries the AVs only (stock LoRA off), by their LoRA state
 _AV_ONLY_LORA_STATES: weakref.WeakSet = weakref.WeakSet()
-
-
-def _state(runner):
-    return getattr(runner, "_vllm_av", None)
 
 
 def linear_lora_targets(model) -> list[str]:
@@ -85,14 +79,7 @@ def _install_load_hook() -> None:
             vllm_config.lora_config.target_modules = linear_lora_targets(model)
         model = original_load(self, model, vllm_config, device)
         if config is not None:
-            model_dir = local_model_dir(vllm_config.model_config.model)
-            entries = library_for(config, model_dir)
-            self._vllm_av = install_av(self, model, vllm_config, entries, config)
-            if config.allow_runtime_updates:
-                self._vllm_av.runtime = RuntimeSlots(self, self._vllm_av, config.capacity(len(entries)))
-            values = value_library_for(config, model_dir)
-            if values:
-                self._vllm_av.steering = install_steering(model, values, vllm_config.scheduler_config.max_num_seqs)
+            build_worker(self, model, vllm_config, config)
             runner = "Model Runner V2" if hasattr(self, "lora_state") else "the classic (V1) model runner"
             logger.info("vllm-av: AV tables filled by %s (%s)", runner, type(self).__name__)
             if not config.stock_lora and hasattr(self, "lora_state"):  # MRV2, before it builds its graph manager
@@ -114,7 +101,7 @@ def _install_graph_lora_cases() -> None:
 
     points.MRV2_LORA_DISPATCH_COUNT.replace(get_num_active_loras_for_dispatch)
 
-    if points.V1_LORA_CAPTURE_CASES.applies_to(points.installed_series()):
+    if points.V1_LORA_CAPTURE_CASES.applies_to(installed_series()):
         original_cases = points.V1_LORA_CAPTURE_CASES.get()
 
         def _get_lora_cases(self):
@@ -130,8 +117,8 @@ def _install_mapping_hook() -> None:
     original = points.SET_LORA_MAPPING.get()
 
     def _set_active_loras(self, *args, **kwargs):
-        state = _state(self)
-        if state is None or state.needs_lora_mapping:
+        worker = worker_of(self)
+        if worker is None or worker.needs_lora_mapping:
             original(self, *args, **kwargs)
 
     points.SET_LORA_MAPPING.replace(_set_active_loras)
@@ -141,36 +128,45 @@ def _install_v1_step_hook() -> None:
     original_set = points.SET_ACTIVE_LORAS.get()
 
     def set_active_loras(self, input_batch, num_scheduled_tokens, *args, **kwargs):
-        state = _state(self)
-        if state is None or state.needs_lora_mapping:
+        worker = worker_of(self)
+        if worker is None or worker.needs_lora_mapping:
             original_set(self, input_batch, num_scheduled_tokens, *args, **kwargs)
-        if state is not None:
-            state.update(input_batch.req_ids, num_scheduled_tokens, self.requests)
+        if worker is not None:
+            fill_step(worker, input_batch.req_ids, num_scheduled_tokens, self.requests)
 
     points.SET_ACTIVE_LORAS.replace(set_active_loras)
 
     original_removed = points.V1_REQUEST_STATE_REMOVED.get()
 
     def _on_request_state_removed(self, req_id, *args, **kwargs):
-        state = _state(self)
-        if state is not None:
-            state.forget(req_id)
+        worker = worker_of(self)
+        if worker is not None:
+            worker.forget(req_id)
         return original_removed(self, req_id, *args, **kwargs)
 
     points.V1_REQUEST_STATE_REMOVED.replace(_on_request_state_removed)
 
 
-def record_new_requests(state, scheduler_output) -> None:
+def fill_step(worker, req_ids, counts, requests) -> None:
+    """The step about to run: request ``req_ids[i]`` owns ``counts[i]`` token rows and sampled row ``i``.
+
+    Fills the AV tables and, with RE-Control on, arms the step's steering plan."""
+    worker.mixes.update(req_ids, counts, requests)
+    if worker.steering is not None:
+        worker.steering.prepare(req_ids, requests)
+
+
+def record_new_requests(worker, scheduler_output) -> None:
     """MRV2: keep every request the scheduler (re-)sends in full, for its mix."""
     for new_request in scheduler_output.scheduled_new_reqs:
-        state.requests[new_request.req_id] = new_request
+        worker.requests[new_request.req_id] = new_request
 
 
-def fill_tables_mrv2(state, batch) -> None:
-    """MRV2: the tables for ``batch`` (its ``InputBatch``), in its order and token layout."""
+def fill_tables_mrv2(worker, batch) -> None:
+    """MRV2: the step for ``batch`` (its ``InputBatch``), in its order and token layout."""
     # rows per request as laid out (under adaptive verification, fewer than scheduled)
     counts = np.diff(batch.query_start_loc_np[: batch.num_reqs + 1])
-    state.update(batch.req_ids, counts, state.requests)
+    fill_step(worker, batch.req_ids, counts, worker.requests)
 
 
 def _install_v2_step_hooks() -> None:
@@ -180,22 +176,21 @@ def _install_v2_step_hooks() -> None:
 
     def add_requests(self, scheduler_output):
         original_add(self, scheduler_output)  # calls _remove_request on each id first
-        state = _state(self)
-        if state is not None:
-            record_new_requests(state, scheduler_output)
+        worker = worker_of(self)
+        if worker is not None:
+            record_new_requests(worker, scheduler_output)
 
     def _remove_request(self, req_id):
-        state = _state(self)
-        if state is not None:
-            state.requests.pop(req_id, None)
-            state.forget(req_id)
+        worker = worker_of(self)
+        if worker is not None:
+            worker.forget(req_id)
         return original_remove(self, req_id)
 
     def prepare_inputs(self, scheduler_output, *args, **kwargs):
         batch = original_prepare(self, scheduler_output, *args, **kwargs)
-        state = _state(self)
-        if state is not None:
-            fill_tables_mrv2(state, batch)
+        worker = worker_of(self)
+        if worker is not None:
+            fill_tables_mrv2(worker, batch)
         return batch
 
     points.MRV2_ADD_REQUESTS.replace(add_requests)
@@ -205,7 +200,7 @@ def _install_v2_step_hooks() -> None:
 
 def install() -> None:
     """Install the runner hooks for the installed vLLM (called once per process by ``plugin.register``)."""
-    series = points.installed_series()
+    series = installed_series()
     _install_load_hook()
     _install_graph_lora_cases()
     _install_mapping_hook()

@@ -1,7 +1,8 @@
 """Worker side of runtime AV updates: load, replace and unload AVs in fixed slots, in two phases.
 
 The engine core (:mod:`vllm_av.serving.engine.updates`) drives every rank through vLLM's
-``collective_rpc`` with the module-level functions below (each gets the worker first):
+``collective_rpc`` with the module-level functions below (each gets the worker first and answers
+with a :class:`~vllm_av.serving.protocol.StepResult`):
 
 1. :func:`prepare_av` -- load the AV with vLLM's LoRA loader and slice and pack it for this rank's
    layers, without touching any buffer (a bad AV fails here, on every rank alike, and nothing changed);
@@ -19,7 +20,9 @@ import itertools
 import logging
 
 from vllm_av.serving.library.avs import AVEntry
+from vllm_av.serving.protocol import StepResult
 from vllm_av.serving.worker.loading import load_lora_model, refuse_unplaced, slot_stacks, write_slot
+from vllm_av.serving.worker.state import worker_of
 
 logger = logging.getLogger("vllm.av")
 
@@ -27,17 +30,21 @@ _lora_ids = itertools.count(1_000_000)  # ids for vLLM's LoRAModel objects (neve
 
 
 class RuntimeSlots:
-    """The AV slots of one model runner: which slot each loaded AV holds, and loads in flight."""
+    """The AV slots of one model runner: which slot each loaded AV holds, and loads in flight.
 
-    def __init__(self, runner, state, capacity: int):
+    ``layers``: ``{module name: layer}`` of the layers holding AV slots; ``mixes``: the runner's
+    :class:`~vllm_av.serving.worker.tables.AVWorkerState` (its names map to slots)."""
+
+    def __init__(self, runner, layers: dict, mixes, capacity: int):
         self.runner = runner
-        self.state = state
+        self.layers = layers
+        self.mixes = mixes
         self.capacity = capacity
         # name -> (slot, {layer name: (slot_stacks, rank)}): loads prepared, not yet committed
         self.pending: dict[str, tuple[int, dict]] = {}
 
     def _free_slot(self) -> int:
-        used = set(self.state.name_to_index.values()) | {slot for slot, _ in self.pending.values()}
+        used = set(self.mixes.name_to_index.values()) | {slot for slot, _ in self.pending.values()}
         free = [slot for slot in range(self.capacity) if slot not in used]
         if not free:
             raise ValueError(f"vllm-av: all {self.capacity} AV slots are in use")
@@ -47,13 +54,13 @@ class RuntimeSlots:
         """Load, slice and pack ``entry`` for this rank's layers; return the slot it will take (its own
         when replacing)."""
         lora_model = load_lora_model(self.runner, entry, lora_id=next(_lora_ids))
-        refuse_unplaced([entry], [lora_model], self.state.layers)
+        refuse_unplaced([entry], [lora_model], self.layers)
         manager = self.runner.lora_manager._adapter_manager
         stacks = {}
-        for name, layer in self.state.layers.items():
+        for name, layer in self.layers.items():
             weight = manager._get_lora_layer_weights(lora_model, name)
             stacks[name] = (slot_stacks(layer, weight), entry.rank if weight is not None else 0)
-        slot = self.state.name_to_index.get(entry.name)
+        slot = self.mixes.name_to_index.get(entry.name)
         if slot is None:
             slot = self._free_slot()
         self.pending[entry.name] = (slot, stacks)
@@ -62,9 +69,9 @@ class RuntimeSlots:
     def commit(self, name: str) -> int:
         """Copy the prepared AV ``name`` into its slot and serve it from the next step on."""
         slot, stacks = self.pending.pop(name)
-        for layer_name, layer in self.state.layers.items():
+        for layer_name, layer in self.layers.items():
             write_slot(layer, slot, *stacks[layer_name])
-        self.state.set_slot(name, slot)
+        self.mixes.set_slot(name, slot)
         return slot
 
     def discard(self, name: str) -> None:
@@ -72,35 +79,40 @@ class RuntimeSlots:
 
     def unload(self, name: str) -> int:
         """Forget AV ``name`` and zero its slot."""
-        slot = self.state.name_to_index[name]
-        self.state.set_slot(name, None)
-        for layer in self.state.layers.values():
+        slot = self.mixes.name_to_index[name]
+        self.mixes.set_slot(name, None)
+        for layer in self.layers.values():
             write_slot(layer, slot, slot_stacks(layer, None), 0)
         return slot
 
 
 def _slots(worker) -> RuntimeSlots:
-    state = getattr(worker.model_runner, "_vllm_av", None)
-    if state is None or state.runtime is None:
+    state = worker_of(worker.model_runner)
+    if state is None or state.slots is None:
         raise RuntimeError("vllm-av: this worker serves no AVs with runtime updates on")
-    return state.runtime
+    return state.slots
 
 
-def prepare_av(worker, entry: dict) -> int:
-    """collective_rpc target: :meth:`RuntimeSlots.prepare` for ``AVEntry(**entry)``."""
-    return _slots(worker).prepare(AVEntry(**entry))
+def prepare_av(worker, entry: dict) -> StepResult:
+    """collective_rpc target: :meth:`RuntimeSlots.prepare` for ``AVEntry(**entry)``; a bad AV is an
+    ``error`` naming the problem (nothing changed on this rank)."""
+    try:
+        return StepResult(slot=_slots(worker).prepare(AVEntry(**entry)))
+    except Exception as exc:  # noqa: BLE001 -- vLLM's loader or the slicing refused this AV: report it
+        return StepResult(error=(str(exc).strip().splitlines() or [type(exc).__name__])[0].removeprefix("vllm-av: "))
 
 
-def commit_av(worker, name: str) -> int:
+def commit_av(worker, name: str) -> StepResult:
     """collective_rpc target: :meth:`RuntimeSlots.commit`."""
-    return _slots(worker).commit(name)
+    return StepResult(slot=_slots(worker).commit(name))
 
 
-def discard_av(worker, name: str) -> None:
+def discard_av(worker, name: str) -> StepResult:
     """collective_rpc target: :meth:`RuntimeSlots.discard`."""
     _slots(worker).discard(name)
+    return StepResult()
 
 
-def unload_av(worker, name: str) -> int:
+def unload_av(worker, name: str) -> StepResult:
     """collective_rpc target: :meth:`RuntimeSlots.unload`."""
-    return _slots(worker).unload(name)
+    return StepResult(slot=_slots(worker).unload(name))

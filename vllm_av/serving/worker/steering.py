@@ -27,7 +27,7 @@ import torch
 
 from vllm_av.recontrol.value import input_gradient
 from vllm_av.recontrol.valuefile import load_value_function
-from vllm_av.serving.front.recontrol import RECONTROL_KEY
+from vllm_av.serving.protocol import canonical_recontrol
 
 logger = logging.getLogger("vllm.av")
 
@@ -74,15 +74,12 @@ class Steering:
         self._warned = False
 
     def _setting(self, req_id: str, requests: dict):
-        extra = getattr(requests[req_id].sampling_params, "extra_args", None) or {}
-        setting = extra.get(RECONTROL_KEY)
-        if setting is None:
+        setting = canonical_recontrol(getattr(requests[req_id].sampling_params, "extra_args", None))
+        if setting is not None and setting[0] not in self.values:  # the front validated it: reaching here is a bug
+            logger.error("vllm-av: request %s: unknown value function %r; serving it without RE-Control",
+                         req_id, setting[0])
             return None
-        name, alpha, steps = setting  # canonical: the frontend validated it
-        if name not in self.values:  # reaching here is a bug
-            logger.error("vllm-av: request %s: unknown value function %r; serving it without RE-Control", req_id, name)
-            return None
-        return name, float(alpha), int(steps)
+        return setting
 
     def _build(self, req_ids: Sequence[str], requests: dict) -> Plan | None:
         if len(self._settings) > self._capacity:

@@ -1,10 +1,11 @@
 """Per-step tables: which AVs, at which scales, each token row of a forward pass blends.
 
 :class:`AVWorkerState` maps requests to mixes and mixes to rows of a small pool; each step it
-fills the persistent :class:`AVTables` from the batch's requests with vectorised numpy over
-requests (never a Python loop over tokens): ``index/scale [T, M]`` (entry ``m`` of token row
-``t``: library index, -1 = none, and scale) for the op and the C kernel, or the dense ``coef``
-table for the dense CPU blend.
+fills the persistent tables from the batch's requests with vectorised numpy over requests (never a
+Python loop over tokens). The tables take the form the engine's blend backend reads
+(:mod:`vllm_av.serving.blend.base`): :class:`EntryTables` -- ``index/scale [T, M]`` (entry ``m`` of
+token row ``t``: library index, -1 = none, and scale) and ``step_active``, for the op and the C
+kernel -- or :class:`CoefficientTables`, the dense ``coef [T, N]`` table of the dense CPU blend.
 """
 
 from __future__ import annotations
@@ -15,39 +16,50 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from vllm_av.serving.settings.config import AVConfig
+from vllm_av.serving.blend.base import COEFFICIENTS, ENTRIES
+from vllm_av.serving.front.mix import MixError, parse_mix
 from vllm_av.serving.library.avs import AVEntry
-from vllm_av.serving.front.mix import MIX_KEY, MixError, parse_mix
+from vllm_av.serving.protocol import MIX_KEY
+from vllm_av.serving.settings.config import AVConfig
 
 logger = logging.getLogger("vllm.av")
 
 
-class AVTables:
-    """Persistent per-token tables read by every AV layer, in one of two forms.
+class _Tables:
+    """What both forms share: which rows the last update may have filled, and whether it had entries.
 
-    * op form: ``index/scale [max_tokens, M]`` and ``step_active [1]`` (int32, 1 when the step
-      has any entry), read by ``torch.ops.vllm_av.blend_`` (on CUDA, and on CPU when the op is
-      chosen) and by the C kernel.
-    * dense form (CPU, ``dense=True``): ``coef [max_tokens, N]``, the sum of the scales each token
-      gives each AV (what :func:`vllm_av.serving.blend.op.blend_scaled_ranks` reads).
-
-    ``active`` (host bool, both forms): whether the step has any entry, so CPU blends skip steps
-    without mixes (never read by the op, where a host-side branch would break graph capture: the
-    op reads the device-side ``step_active`` instead).
+    ``active`` (host bool): whether the step has any entry, so CPU blends skip steps without mixes
+    (never read by the op, where a host-side branch would break graph capture: the op reads the
+    device-side ``step_active`` of :class:`EntryTables` instead).
     """
 
-    def __init__(
-        self, max_tokens: int, max_per_request: int, num_avs: int, device: torch.device, dense: bool | None = None,
-    ):
-        device = torch.device(device)
-        self.dense = device.type == "cpu" if dense is None else dense
+    def __init__(self, max_tokens: int):
         self.max_tokens = max_tokens
         self.active = False
         self._filled = 0  # rows that may hold entries from the last update
-        if self.dense:
-            self.coef = torch.zeros(max_tokens, num_avs)
-            return
-        self.coef = None
+
+    def _rows_to_write(self, has_entries: bool, num_tokens: int) -> int:
+        """Rows this update must write (0: none, the tables already hold no entries)."""
+        if not has_entries and self._filled == 0:
+            return 0
+        if num_tokens > self.max_tokens:
+            raise ValueError(f"{num_tokens} tokens exceed the AV table size {self.max_tokens}")
+        rows = max(num_tokens, self._filled)
+        self._filled = num_tokens if has_entries else 0
+        self.active = has_entries
+        return rows
+
+
+class EntryTables(_Tables):
+    """``index/scale [max_tokens, M]`` and ``step_active [1]`` (int32, 1 when the step has any entry),
+    read by ``torch.ops.vllm_av.blend_`` and the C kernel; the pool of distinct mixes in the same form."""
+
+    form = ENTRIES
+
+    def __init__(self, max_tokens: int, max_per_request: int, device: torch.device):
+        super().__init__(max_tokens)
+        device = torch.device(device)
+        self.max_per_request = max_per_request
         shape = (max_tokens, max_per_request)
         self.index = torch.full(shape, -1, dtype=torch.int32, device=device)
         self.scale = torch.zeros(shape, dtype=torch.float32, device=device)
@@ -67,21 +79,20 @@ class AVTables:
             self._copied = [torch.cuda.Event() for _ in self._host]
         self._turn = 0
 
-    def _rows_to_write(self, has_entries: bool, num_tokens: int) -> int:
-        """Rows this update must write (0: none, the tables already hold no entries)."""
-        if not has_entries and self._filled == 0:
-            return 0
-        if num_tokens > self.max_tokens:
-            raise ValueError(f"{num_tokens} tokens exceed the AV table size {self.max_tokens}")
-        rows = max(num_tokens, self._filled)
-        self._filled = num_tokens if has_entries else 0
-        self.active = has_entries
-        return rows
+    def reset_pool(self, rows: int) -> None:
+        """An empty pool of ``rows`` mixes (row 0: the empty mix)."""
+        shape = (rows, self.max_per_request)
+        self._pool_index = np.full(shape, -1, dtype=np.int32)
+        self._pool_scale = np.zeros(shape, dtype=np.float32)
 
-    def write(
-        self, pool_index: np.ndarray, pool_scale: np.ndarray, token_rows: np.ndarray | None, num_tokens: int
-    ) -> None:
-        """Op form: row ``t`` = ``pool_index/pool_scale[token_rows[t]]`` (None = no entries); clear the rest."""
+    def set_pool_row(self, row: int, entries: Sequence[tuple[int, float]]) -> None:
+        """Pool row ``row`` holds the mix ``entries`` (library index, scale)."""
+        for m, (index, scale) in enumerate(entries):
+            self._pool_index[row, m] = index
+            self._pool_scale[row, m] = scale
+
+    def write(self, token_rows: np.ndarray | None, num_tokens: int) -> None:
+        """Row ``t`` = pool row ``token_rows[t]`` (None = no entries); clear the rest."""
         rows = self._rows_to_write(token_rows is not None, num_tokens)
         if rows == 0:
             return
@@ -95,8 +106,8 @@ class AVTables:
         written = 0
         if token_rows is not None:  # gathered straight into the tables, no temporaries
             # mode="clip": the rows come from the pool itself, so always in range ("raise" buffers: ~2x slower)
-            np.take(pool_index, token_rows, axis=0, out=hi[:num_tokens], mode="clip")
-            np.take(pool_scale, token_rows, axis=0, out=hs[:num_tokens], mode="clip")
+            np.take(self._pool_index, token_rows, axis=0, out=hi[:num_tokens], mode="clip")
+            np.take(self._pool_scale, token_rows, axis=0, out=hs[:num_tokens], mode="clip")
             written = num_tokens
         if rows > written:
             hi[written:rows] = -1
@@ -108,36 +119,54 @@ class AVTables:
             self.step_active.copy_(host_active, non_blocking=True)
             copied.record()
 
-    def write_dense(self, pool_coef: torch.Tensor, token_rows: np.ndarray | None, num_tokens: int) -> None:
-        """Dense form: row ``t`` = ``pool_coef[token_rows[t]]`` (None = no entries); clear the rest."""
+
+class CoefficientTables(_Tables):
+    """``coef [max_tokens, N]`` (CPU): the sum of the scales each token gives each AV, what the dense
+    CPU blend reads; the pool of distinct mixes in the same form."""
+
+    form = COEFFICIENTS
+
+    def __init__(self, max_tokens: int, num_avs: int):
+        super().__init__(max_tokens)
+        self.coef = torch.zeros(max_tokens, num_avs)
+
+    def reset_pool(self, rows: int) -> None:
+        """An empty pool of ``rows`` mixes (row 0: the empty mix); numpy for cheap per-entry writes."""
+        self._pool_coef = np.zeros((rows, self.coef.shape[1]), dtype=np.float32)
+        self._pool_coef_tensor = torch.from_numpy(self._pool_coef)
+
+    def set_pool_row(self, row: int, entries: Sequence[tuple[int, float]]) -> None:
+        for index, scale in entries:
+            self._pool_coef[row, index] += scale
+
+    def write(self, token_rows: np.ndarray | None, num_tokens: int) -> None:
+        """Row ``t`` = pool row ``token_rows[t]`` (None = no entries); clear the rest."""
         rows = self._rows_to_write(token_rows is not None, num_tokens)
         if rows == 0:
             return
         written = 0
         if token_rows is not None:
-            torch.index_select(pool_coef, 0, torch.from_numpy(token_rows), out=self.coef[:num_tokens])
+            torch.index_select(self._pool_coef_tensor, 0, torch.from_numpy(token_rows), out=self.coef[:num_tokens])
             written = num_tokens
         if rows > written:
             self.coef[written:rows] = 0.0
 
 
+def make_tables(form: str, max_tokens: int, max_per_request: int, num_avs: int,
+                device: torch.device) -> EntryTables | CoefficientTables:
+    """The per-step tables in ``form`` (a blend backend's ``table_form``)."""
+    if form == COEFFICIENTS:
+        return CoefficientTables(max_tokens, num_avs)
+    return EntryTables(max_tokens, max_per_request, device)
+
+
 class AVWorkerState:
     """Maps requests to mixes and mixes to table rows, for one model runner."""
 
-    def __init__(
-        self, entries: Sequence[AVEntry], config: AVConfig, tables: AVTables, max_live_mixes: int,
-        needs_lora_mapping: bool = True,
-    ):
+    def __init__(self, entries: Sequence[AVEntry], config: AVConfig, tables, max_live_mixes: int):
         self.config = config
         self.tables = tables
         self.name_to_index = {entry.name: i for i, entry in enumerate(entries)}
-        self.needs_lora_mapping = needs_lora_mapping  # whether vLLM's own per-step LoRA mapping must be built
-        # req_id -> an object with ``.sampling_params``, for runners that keep none (Model Runner V2)
-        self.requests: dict = {}
-        self.steering = None  # a worker.steering.Steering when RE-Control is on: armed every step
-        self.layers: dict = {}  # module name -> the LoRA layer holding AV buffers (set by the loader)
-        self.blend = None  # the engine's BlendChoice (set by the loader)
-        self.runtime = None  # a worker.runtime.RuntimeSlots when runtime updates are on
         self._stale = False  # the library changed: mixes must be resolved again before the next step
         self._capacity = max(4 * max_live_mixes, 64)  # > 2x the live requests: room after compaction
         self._last_ids: list[str] = []  # the last update's batch (see update)
@@ -146,13 +175,7 @@ class AVWorkerState:
 
     def _reset_pool(self) -> None:
         # Pool row 0 is the empty mix; each distinct mix in use gets one row, in the tables' form.
-        if self.tables.dense:  # numpy for cheap per-entry writes; the tables read it as a tensor
-            self._pool_coef = np.zeros((self._capacity + 1, self.tables.coef.shape[1]), dtype=np.float32)
-            self._pool_coef_tensor = torch.from_numpy(self._pool_coef)
-        else:
-            shape = (self._capacity + 1, self.config.max_per_request)
-            self._pool_index = np.full(shape, -1, dtype=np.int32)
-            self._pool_scale = np.zeros(shape, dtype=np.float32)
+        self.tables.reset_pool(self._capacity + 1)
         self._mix_row: dict[tuple, int] = {(): 0}
         self._req_row: dict[str, int] = {}
 
@@ -161,13 +184,7 @@ class AVWorkerState:
         if row is None:
             row = len(self._mix_row)
             self._mix_row[mix] = row
-            if self.tables.dense:
-                for name, scale in mix:
-                    self._pool_coef[row, self.name_to_index[name]] += scale
-            else:
-                for m, (name, scale) in enumerate(mix):
-                    self._pool_index[row, m] = self.name_to_index[name]
-                    self._pool_scale[row, m] = scale
+            self.tables.set_pool_row(row, [(self.name_to_index[name], scale) for name, scale in mix])
         return row
 
     def _resolve(self, req_id: str, requests: dict) -> None:
@@ -188,8 +205,6 @@ class AVWorkerState:
         resolved afresh instead of keeping the old request's mix."""
         self._req_row.pop(req_id, None)
         self._last_ids = []  # the next step refills the tables
-        if self.steering is not None:
-            self.steering.forget(req_id)
 
     def set_slot(self, name: str, slot: int | None) -> None:
         """Runtime updates: AV ``name`` now lives in ``slot`` (None: unloaded). Takes effect at the next step."""
@@ -214,11 +229,8 @@ class AVWorkerState:
         """Fill the tables for a batch: request ``req_ids[i]`` owns ``num_scheduled_tokens[i]`` rows.
 
         A step that repeats the last one (same requests in the same order, same token counts: most
-        decode steps) finds the tables already filled and returns at once. With RE-Control on, the
-        step's steering plan is armed first (request ``i`` owns sampled row ``i``).
+        decode steps) finds the tables already filled and returns at once.
         """
-        if self.steering is not None:
-            self.steering.prepare(req_ids, requests)
         counts = num_scheduled_tokens.tobytes()
         if self._stale:  # the library changed since the last step: resolve every mix again
             self._stale, self._last_ids = False, []
@@ -235,10 +247,7 @@ class AVWorkerState:
         num_tokens = len(token_rows)
         if not rows.any():  # no request in the batch has a mix
             token_rows = None
-        if self.tables.dense:
-            self.tables.write_dense(self._pool_coef_tensor, token_rows, num_tokens)
-        else:
-            self.tables.write(self._pool_index, self._pool_scale, token_rows, num_tokens)
+        self.tables.write(token_rows, num_tokens)
 
     def _pool_rows(self, req_ids: Sequence[str], requests: dict) -> np.ndarray:
         """Each request's pool row; a request seen for the first time has its mix parsed (once)."""

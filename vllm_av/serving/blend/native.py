@@ -1,14 +1,6 @@
-"""The AV blend of one CPU layer, in two forms (chosen per engine by :func:`choose_cpu_blend`).
-
-* :class:`NativeCPUBlend` -- the C kernel of :mod:`vllm_av.kernels.cpu`: work grows with the
-  entries each row uses, not with the library size; large calls split their rows over torch's
-  threads. It reads the op's ``index/scale [T, M]`` tables.
-* :class:`CPUBlend` -- the dense math of :func:`vllm_av.serving.blend.op.blend_scaled_ranks` over every AV
-  of the library, with vLLM-CPU's prepacked oneDNN GEMMs where the build has them (multi-threaded),
-  else aten. It reads the dense ``coef_rank`` table.
-
-Per-layer timings against each other and the base GEMMs: ``benchmarks/cpu_blend_bench.py``,
-``benchmarks/RESULTS.md``.
+"""The C CPU blend: the kernel of :mod:`vllm_av.kernels.cpu`, whose work grows with the entries each row
+uses, not with the library size; large calls split their rows over torch's threads. It reads the
+op form's ``[T, M]`` index/scale tables. Per-layer timings: ``benchmarks/cpu_blend_bench.py``.
 """
 
 from __future__ import annotations
@@ -18,86 +10,20 @@ import ctypes
 import numpy as np
 import torch
 
-from vllm_av.serving.blend.op import blend_scaled_ranks, dense_weights, scale_ranks
+from vllm_av.serving.blend.base import ENTRIES, BlendBackend
+from vllm_av.serving.blend.op import add_rounded_once
 
 
-def _onednn():
-    """vLLM's oneDNN GEMM ops, or None where this vLLM build has none."""
-    try:
-        from vllm import _custom_ops as ops
-    except ImportError:
-        return None
-    return ops if getattr(ops, "_supports_onednn", False) else None
+class NativeBlend(BlendBackend):
+    name = "C kernel (CPU)"
+    table_form = ENTRIES
+    every_step = False
 
+    def __init__(self, kernel):
+        self.kernel = kernel  # vllm_av.kernels.cpu.load()'s entry points
 
-def cpu_gemm_backend() -> str:
-    """What :class:`CPUBlend` multiplies with here: ``oneDNN`` or ``aten``."""
-    return "oneDNN" if _onednn() is not None else "aten"
-
-
-def choose_cpu_blend(choice: str = "auto"):
-    """``(form, kernel)`` for ``av.cpu_blend``: ``("native", kernel)`` or ``("dense", None)``.
-
-    ``auto`` takes the C kernel whenever it builds here, else the dense path (with the warning
-    :func:`vllm_av.kernels.cpu.load` logs); ``native`` refuses to go without it.
-    """
-    if choice == "dense":
-        return "dense", None
-    from vllm_av.kernels.cpu import load
-
-    kernel = load()
-    if kernel is None:
-        if choice == "native":
-            raise RuntimeError("vllm-av: av.cpu_blend is 'native' but the C blend kernel could not be built (see the warning)")
-        return "dense", None
-    return "native", kernel
-
-
-def add_rounded_once(y: torch.Tensor, delta: torch.Tensor) -> None:
-    """``y += delta`` (float32) summed in float32 and rounded once to ``y``'s dtype (as the op does)."""
-    if y.dtype == torch.float32:
-        y.add_(delta)
-    else:
-        y.copy_(y.to(torch.float32).add_(delta).to(y.dtype))
-
-
-class CPUBlend:
-    """``y += ((x @ A_cat.T) * coef) @ B_cat`` for one layer, weights laid out once at load."""
-
-    def __init__(self, lora_a: torch.Tensor, lora_b: torch.Tensor, out_slices: list[int], use_onednn: bool = True):
-        self.lora_a, self.lora_b, self.out_slices = lora_a, lora_b, out_slices
-        self.rank = lora_a.shape[2]
-        self.ops = _onednn() if use_onednn else None
-        self._lay_out()
-
-    def _lay_out(self) -> None:
-        a_cat, b_cat = dense_weights(self.lora_a, self.lora_b, self.out_slices)
-        if self.ops is None:
-            self.a_cat, self.b_cat = a_cat, b_cat
-        else:  # oneDNN packs its own copy; the handlers take [K, N]
-            self.shrink = self.ops.create_onednn_mm(a_cat.t(), 32)
-            self.expand = self.ops.create_onednn_mm(b_cat, 32)
-
-    def write_slot(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int) -> None:
-        """Replace AV ``slot``'s weights (``lora_a [S, R, in]``, ``lora_b [OUT, R]``) and lay them out again."""
-        self.lora_a[:, slot].copy_(lora_a)
-        self.lora_b[slot].copy_(lora_b)
-        self._lay_out()
-
-    def __call__(self, y: torch.Tensor, x: torch.Tensor, coef: torch.Tensor) -> None:
-        """Add the blend for ``coef [T, N]`` (see :class:`vllm_av.serving.worker.tables.AVTables`) to ``y``."""
-        if self.ops is None:
-            blend_scaled_ranks(y, x, self.a_cat, self.b_cat, coef, self.rank)
-            return
-        if y.shape[0] == 0:
-            return
-        h = self.ops.onednn_mm(self.shrink, x.to(torch.float32), None)
-        scale_ranks(h, coef, self.rank)
-        add_rounded_once(y, self.ops.onednn_mm(self.expand, h, None))
-
-    def from_tables(self, y: torch.Tensor, x: torch.Tensor, tables) -> None:
-        """The layer hook's call: the coefficients of the step's first ``len(y)`` rows in ``tables``."""
-        self(y, x, tables.coef[: y.shape[0]])
+    def layer(self, lora_a, lora_b, out_slices, ranks) -> NativeCPUBlend:
+        return NativeCPUBlend(self.kernel, lora_a, lora_b, out_slices, ranks)
 
 
 class NativeCPUBlend:
